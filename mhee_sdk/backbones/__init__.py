@@ -1,0 +1,1 @@
+"""Backbones: causal LMs run one decoder layer at a time."""

@@ -1,0 +1,92 @@
+"""The `mhee` command: plugins, assets, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    """Plain-text table with a header row, columns padded to their widest cell."""
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max([len(column), *(len(r[i]) for r in cells)]) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(w) for column, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from mhee_sdk.registry import get_registry
+
+    registry = get_registry()
+    if args.json:
+        payload = {
+            "entries": registry.records(),
+            "plugins": [
+                {"name": p.name, "version": p.version, "hooks": list(p.hooks), "source": p.source}
+                for p in registry.plugins
+            ],
+            "failures": [{"name": f.name, "error": f.error} for f in registry.failures],
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(format_table(registry.records(), ["name", "kind", "plugin", "version"]))
+    for failure in registry.failures:
+        print(f"\nskipped plugin {failure.name!r}: {failure.error}", file=sys.stderr)
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from mhee_sdk import assets
+
+    if args.action == "install":
+        assets.install(args.names or None)
+        return 0
+    rows = assets.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows, ["name", "state", "source", "location"]))
+    return 0 if all(row["state"] == "installed" for row in rows) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mhee_sdk.demo import run_demo
+
+    run_demo(samples=args.samples, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `mhee`."""
+    parser = argparse.ArgumentParser(prog="mhee", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plugins = sub.add_parser("plugins", help="list plugins and everything they registered")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=cmd_plugins)
+
+    asset_cmd = sub.add_parser("assets", help="install or check the real model and data")
+    asset_cmd.add_argument("action", choices=["install", "status"])
+    asset_cmd.add_argument("names", nargs="*", help="assets to install (default: all)")
+    asset_cmd.add_argument("--json", action="store_true", help="machine-readable status")
+    asset_cmd.set_defaults(func=cmd_assets)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on MovieLens-100K with SmolLM2-135M")
+    demo.add_argument("--samples", type=int, default=None, help="test requests to score (default: see output)")
+    demo.add_argument("--out", default="demo_out", help="folder for the DuckDB file and plots")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mhee` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

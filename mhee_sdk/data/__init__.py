@@ -1,0 +1,1 @@
+"""Datasets, the interaction log, and prompt building."""

@@ -1,0 +1,1 @@
+"""Exit heads and exit policies."""

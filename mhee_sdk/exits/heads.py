@@ -1,0 +1,148 @@
+"""Exit heads: small modules that read one exit layer's pooled hidden state and give P(like).
+
+``linear`` and ``mlp`` are trained (see ``mhee_sdk.train``); ``verbalizer`` reuses the model's own
+final norm and LM head and compares the "Yes" and "No" logits, so it needs no training.
+Every head returns log-odds from ``logits`` and P(like) from ``forward``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mhee_sdk.hookspecs import hookimpl
+
+
+def default_exit_layers(num_layers: int, every: int = 3) -> list[int]:
+    """Every `every`-th layer and the last one, 1-based (30 layers -> 3, 6, ..., 30)."""
+    if num_layers < 1 or every < 1:
+        raise ValueError(f"need num_layers >= 1 and every >= 1, got {num_layers}, {every}")
+    layers = list(range(every, num_layers + 1, every))
+    return layers if layers and layers[-1] == num_layers else [*layers, num_layers]
+
+
+class Standardize(nn.Module):
+    """Per-feature (x - mean) / std with statistics fitted on training features.
+
+    Mid-layer hidden states carry a few huge "massive activation" dimensions; without this a
+    linear head spends its training budget on their scale.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(hidden_size))
+        self.register_buffer("std", torch.ones(hidden_size))
+
+    def fit(self, features: torch.Tensor) -> None:
+        """Set mean/std from ``features [N, H]``."""
+        self.mean.copy_(features.float().mean(0))
+        self.std.copy_(features.float().std(0).clamp_min(1e-4))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden.float() - self.mean) / self.std
+
+
+class LinearHead(nn.Module):
+    """Logistic regression on the standardized hidden state."""
+
+    trainable = True
+
+    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+        super().__init__()
+        self.layer = layer
+        self.standardize = Standardize(hidden_size)
+        self.linear = nn.Linear(hidden_size, 1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-odds of "like", ``[B]``."""
+        return self.linear(self.standardize(hidden)).squeeze(-1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden))
+
+
+class MLPHead(LinearHead):
+    """One hidden layer (GELU, dropout) on the standardized hidden state."""
+
+    def __init__(self, hidden_size: int, layer: int, width: int = 128, dropout: float = 0.1, **_: object) -> None:
+        super().__init__(hidden_size, layer)
+        self.linear = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
+
+
+class VerbalizerHead(nn.Module):
+    """The LM's own answer: final norm + LM head, P("Yes") vs P("No"). Needs no training.
+
+    At an intermediate layer this is the "logit lens" reading of that layer.
+    """
+
+    trainable = False
+
+    def __init__(
+        self, hidden_size: int, layer: int, backbone=None, words: Sequence[str] = ("Yes", "No"), **_: object
+    ) -> None:
+        super().__init__()
+        if backbone is None or not hasattr(backbone, "lm_head_rows"):
+            raise ValueError("the verbalizer head needs the backbone (an HFBackbone) to read its LM head")
+        self.layer = layer
+        self.norm = copy.deepcopy(backbone.final_norm_module()).requires_grad_(False)
+        self.register_buffer("rows", backbone.lm_head_rows(backbone.answer_token_ids(words)).float())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Yes-logit minus No-logit, ``[B]`` (softmax over the pair = sigmoid of this)."""
+        scores = self.norm(hidden).float() @ self.rows.T  # [B, 2]
+        return scores[:, 0] - scores[:, 1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden))
+
+
+class ExitHeads(nn.Module):
+    """One head per exit layer, evaluated in layer order."""
+
+    def __init__(self, heads: Sequence[nn.Module], kind: str = "custom") -> None:
+        super().__init__()
+        layers = [int(h.layer) for h in heads]
+        if not layers or layers != sorted(set(layers)):
+            raise ValueError(f"exit heads need distinct layers in increasing order, got {layers}")
+        self.kind = kind
+        self.layers = layers
+        self.heads = nn.ModuleDict({str(layer): head for layer, head in zip(layers, heads, strict=True)})
+
+    def __getitem__(self, layer: int) -> nn.Module:
+        return self.heads[str(layer)]
+
+    def __contains__(self, layer: int) -> bool:
+        return str(layer) in self.heads
+
+    @property
+    def trainable(self) -> bool:
+        """True when any head has parameters to fit."""
+        return any(getattr(h, "trainable", True) for h in self.heads.values())
+
+
+def build_heads(kind: str, backbone, layers: Sequence[int] | None = None, registry=None, **params: object) -> ExitHeads:
+    """Heads of registered `kind` on `layers` (default: every 3rd layer and the last)."""
+    from mhee_sdk.registry import get_registry
+
+    registry = registry or get_registry()
+    layers = list(layers) if layers is not None else default_exit_layers(backbone.num_layers)
+    bad = [layer for layer in layers if not 1 <= int(layer) <= backbone.num_layers]
+    if bad:
+        raise ValueError(f"exit layers {bad} are outside 1..{backbone.num_layers} for backbone {backbone.name!r}")
+    heads = [
+        registry.create(
+            "exit_head", kind, hidden_size=backbone.hidden_size, layer=int(layer), backbone=backbone, **params
+        )
+        for layer in sorted(set(int(x) for x in layers))
+    ]
+    return ExitHeads(heads, kind=kind).to(backbone.device)
+
+
+@hookimpl
+def register_exit_heads(register) -> None:
+    register("linear", LinearHead)
+    register("mlp", MLPHead)
+    register("verbalizer", VerbalizerHead)

@@ -1,0 +1,231 @@
+"""Exit policies: after each exit head, which requests are confident enough to stop?
+
+A policy sees only ``probs[B, j]``, the P(like) of every head evaluated so far for each row, and
+decides row by row. Nothing else goes in, so replaying a policy over logged full-depth outputs
+(:func:`replay`) gives exactly what a live run gives. For a binary answer, ``max-prob``, ``entropy``
+and ``margin`` are monotone in ``|p - 0.5|``: they differ only in how the threshold reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mhee_sdk.hookspecs import hookimpl
+
+
+def _confidence(p: np.ndarray) -> np.ndarray:
+    return np.maximum(p, 1.0 - p)
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is outside [{low}, {high}]")
+    return float(value)
+
+
+@dataclass
+class Never:
+    """Full depth: never exit early (the engine stops at the last exit layer)."""
+
+    name: str = field(default="never", init=False)
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        return np.zeros(len(probs), dtype=bool)
+
+
+@dataclass
+class FixedLayer:
+    """Every request exits at the first exit layer >= `layer`."""
+
+    layer: int = 12
+    name: str = field(default="fixed-layer", init=False)
+
+    def __post_init__(self) -> None:
+        if int(self.layer) < 1:
+            raise ValueError(f"layer={self.layer!r} must be a 1-based layer number >= 1")
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        return np.full(len(probs), layer >= self.layer, dtype=bool)
+
+
+@dataclass
+class MaxProb:
+    """Exit when the current head's confidence max(p, 1 - p) reaches `threshold`."""
+
+    threshold: float = 0.9
+    name: str = field(default="max-prob", init=False)
+
+    def __post_init__(self) -> None:
+        _check_range("threshold", self.threshold, 0.5, 1.0)
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        return _confidence(probs[:, -1]) >= self.threshold
+
+
+@dataclass
+class Entropy:
+    """DeeBERT: exit when the binary entropy (bits) of the current head is at most `threshold`."""
+
+    threshold: float = 0.5
+    name: str = field(default="entropy", init=False)
+
+    def __post_init__(self) -> None:
+        _check_range("threshold", self.threshold, 0.0, 1.0)
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        p = np.clip(probs[:, -1], 1e-12, 1 - 1e-12)
+        entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+        return entropy <= self.threshold
+
+
+@dataclass
+class Margin:
+    """Exit when the gap between the two class probabilities |p - (1 - p)| reaches `threshold`."""
+
+    threshold: float = 0.8
+    name: str = field(default="margin", init=False)
+
+    def __post_init__(self) -> None:
+        _check_range("threshold", self.threshold, 0.0, 1.0)
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        return np.abs(2.0 * probs[:, -1] - 1.0) >= self.threshold
+
+
+def _stable(probs: np.ndarray, window: int) -> np.ndarray:
+    """True where the last `window` heads all predict the same class (False if fewer heads ran)."""
+    if probs.shape[1] < window:
+        return np.zeros(len(probs), dtype=bool)
+    classes = probs[:, -window:] >= 0.5
+    return classes.all(axis=1) | (~classes).all(axis=1)
+
+
+@dataclass
+class Patience:
+    """PABEE: exit once the predicted class stayed unchanged for `patience` consecutive exit layers.
+
+    That is, the last ``patience + 1`` heads agree.
+    """
+
+    patience: int = 2
+    name: str = field(default="patience", init=False)
+
+    def __post_init__(self) -> None:
+        if int(self.patience) < 1:
+            raise ValueError(f"patience={self.patience!r} must be >= 1")
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        return _stable(probs, int(self.patience) + 1)
+
+
+@dataclass
+class MultiHead:
+    """The paper's rule: exit when max(p, 1-p) / min(p, 1-p) >= `ratio` and the last `window`
+    heads (this one included) predict the same class."""
+
+    ratio: float = 3.0
+    window: int = 2
+    name: str = field(default="multi-head", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.ratio >= 1.0:
+            raise ValueError(f"ratio={self.ratio!r} must be >= 1 (1 = always confident)")
+        if int(self.window) < 1:
+            raise ValueError(f"window={self.window!r} must be >= 1")
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        p = probs[:, -1]
+        high, low = _confidence(p), np.minimum(p, 1.0 - p)
+        return (high >= self.ratio * low) & _stable(probs, int(self.window))
+
+
+@dataclass
+class Calibrated:
+    """Per-layer confidence thresholds chosen on validation data (:meth:`calibrate`) so that the AUC
+    drop versus full depth stays within `budget` there (in the spirit of CALM).
+
+    Uncalibrated it never exits. `thresholds` maps exit layer -> confidence threshold.
+    """
+
+    budget: float = 0.005
+    thresholds: dict[int, float] = field(default_factory=dict)
+    name: str = field(default="calibrated", init=False)
+
+    def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
+        threshold = self.thresholds.get(int(layer), np.inf)
+        return _confidence(probs[:, -1]) >= threshold
+
+    def calibrate(
+        self,
+        probs: np.ndarray,
+        labels: np.ndarray,
+        layers: Sequence[int],
+        grid: Sequence[float] = tuple(np.round(np.arange(0.99, 0.499, -0.01), 2)),
+    ) -> Calibrated:
+        """Greedy, shallow layer first: the lowest threshold that keeps the AUC drop within budget.
+
+        probs: ``[N, L]`` full-depth outputs on validation requests; labels: ``[N]``; layers: the L exit layers.
+        """
+        from sklearn.metrics import roc_auc_score
+
+        probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+        if probs.ndim != 2 or probs.shape != (len(labels), len(layers)):
+            raise ValueError(f"probs must be [N, L] = [{len(labels)}, {len(layers)}], got {probs.shape}")
+        if len(np.unique(labels)) < 2:
+            raise ValueError("calibration needs both positive and negative labels")
+        reference = roc_auc_score(labels, probs[:, -1])
+        self.thresholds = {}
+        for layer in layers[:-1]:
+            chosen = np.inf
+            for threshold in grid:
+                self.thresholds[int(layer)] = float(threshold)
+                exit_prob = replay(self, probs, layers).prob
+                if reference - roc_auc_score(labels, exit_prob) <= self.budget:
+                    chosen = float(threshold)
+                else:
+                    break  # lower thresholds only exit more rows: stop at the first failure
+            self.thresholds[int(layer)] = chosen
+        return self
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Where each row exits: index into the exit layers, the layer itself, and the prob there."""
+
+    index: np.ndarray
+    layer: np.ndarray
+    prob: np.ndarray
+
+
+def replay(policy, probs: np.ndarray, layers: Sequence[int]) -> Replay:
+    """Run `policy` over logged per-layer outputs ``probs[N, L]`` exactly as the engine would live."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n, width = probs.shape
+    if width != len(layers):
+        raise ValueError(f"probs has {width} columns but {len(layers)} exit layers were given")
+    index = np.full(n, width - 1, dtype=np.int64)
+    running = np.ones(n, dtype=bool)
+    for j, layer in enumerate(layers[:-1]):
+        rows = np.flatnonzero(running)
+        if rows.size == 0:
+            break
+        stop = np.asarray(policy.decide(int(layer), probs[rows, : j + 1]), dtype=bool)
+        index[rows[stop]] = j
+        running[rows[stop]] = False
+    layer_array = np.asarray(layers)[index]
+    return Replay(index=index, layer=layer_array, prob=probs[np.arange(n), index])
+
+
+@hookimpl
+def register_exit_policies(register) -> None:
+    register("never", Never)
+    register("fixed-layer", FixedLayer)
+    register("max-prob", MaxProb)
+    register("entropy", Entropy)
+    register("margin", Margin)
+    register("patience", Patience)
+    register("multi-head", MultiHead)
+    register("calibrated", Calibrated)

@@ -1,0 +1,1 @@
+"""Retrievers: find earlier interactions that help answer a request."""
