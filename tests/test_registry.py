@@ -197,3 +197,19 @@ def test_cli_plugins_table_and_strict_failure(tmp_path):
     assert lenient.returncode == 0 and "skipped plugin 'broken'" in lenient.stderr
     strict = _mhee("plugins", env={**env, "MHEE_STRICT_PLUGINS": "1"})
     assert strict.returncode != 0 and "plugin 'broken' failed" in strict.stderr
+
+
+def test_conformance_suite_accepts_builtin_policies_and_rejects_a_batch_dependent_one(registry):
+    from mhee_sdk.testing import ContractError, check_exit_policy
+
+    for name in BUILTINS["exit_policy"]:
+        check_exit_policy(registry.create("exit_policy", name))
+
+    class BatchMean:
+        name = "batch-mean"
+
+        def decide(self, layer, probs):
+            return probs[:, -1] > probs[:, -1].mean()
+
+    with pytest.raises(ContractError, match="depends on the other rows"):
+        check_exit_policy(BatchMean())
