@@ -103,4 +103,8 @@ def check_exit_policy(policy, num_layers: int = 10, rows: int = 64, seed: int = 
             )
         single = np.asarray(policy.decide(layer, probs[:1, :column]))
         if single.shape != (1,) or bool(single[0]) != bool(decision[0]):
-            raise _fail(what, "a batch of one row decides differently", "decide each row from its own probs only")
+            raise _fail(
+                what,
+                "a row's decision depends on the other rows in the batch (alone it decides differently)",
+                "decide each row from its own probs only",
+            )
