@@ -201,22 +201,20 @@ class Replay:
 
 
 def replay(policy, probs: np.ndarray, layers: Sequence[int]) -> Replay:
-    """Run `policy` over logged per-layer outputs ``probs[N, L]`` exactly as the engine would live."""
+    """Run `policy` over logged per-layer outputs ``probs[N, L]`` exactly as the engine would live.
+
+    Policies decide each row from its own outputs only, so asking every row at every layer and taking
+    the first "stop" gives the engine's answer (which asks only the rows still running).
+    """
     probs = np.asarray(probs, dtype=np.float64)
     n, width = probs.shape
     if width != len(layers):
         raise ValueError(f"probs has {width} columns but {len(layers)} exit layers were given")
-    index = np.full(n, width - 1, dtype=np.int64)
-    running = np.ones(n, dtype=bool)
+    stops = np.ones((n, width), dtype=bool)  # the last exit layer always stops
     for j, layer in enumerate(layers[:-1]):
-        rows = np.flatnonzero(running)
-        if rows.size == 0:
-            break
-        stop = np.asarray(policy.decide(int(layer), probs[rows, : j + 1]), dtype=bool)
-        index[rows[stop]] = j
-        running[rows[stop]] = False
-    layer_array = np.asarray(layers)[index]
-    return Replay(index=index, layer=layer_array, prob=probs[np.arange(n), index])
+        stops[:, j] = np.asarray(policy.decide(int(layer), probs[:, : j + 1]), dtype=bool)
+    index = stops.argmax(axis=1)  # first True
+    return Replay(index=index, layer=np.asarray(layers)[index], prob=probs[np.arange(n), index])
 
 
 @hookimpl

@@ -1,0 +1,208 @@
+"""Fit exit heads on a frozen backbone.
+
+Step 1, :func:`collect_hidden`: run the backbone once over the prompts and keep the pooled hidden state
+of every exit layer, ``[N, L, H]`` float16 on disk, keyed by a hash of (backbone, layers, prompts). A
+second run with the same inputs skips the backbone; an interrupted run resumes from the last batch.
+
+Step 2, :func:`fit_heads`: train all heads together on those features. The loss is a weighted sum of
+per-layer binary cross-entropies; each head gets its own learning rate, higher for shallower heads
+(the paper's depth-aware rates); each head keeps the parameters of its best validation epoch, and
+training stops when no head has improved for `patience` epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from mhee_sdk import assets
+from mhee_sdk.exits.heads import ExitHeads
+
+
+def cache_key(fingerprint: str, layers: Sequence[int], texts: Sequence[str]) -> str:
+    """Hash identifying a set of hidden states: backbone weights, exit layers and exact prompts."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([fingerprint, list(map(int, layers))]).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()[:24]
+
+
+def collect_hidden(
+    backbone,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pooled hidden states ``[N, len(layers), H]`` (float16), from the disk cache when present.
+
+    Runs only up to the deepest requested layer. Rows are written batch by batch to a ``.partial``
+    file, so an interrupted call resumes where it stopped.
+    """
+    layers = sorted(set(int(x) for x in layers))
+    if not texts:
+        raise ValueError("collect_hidden needs at least one prompt")
+    if layers[0] < 1 or layers[-1] > backbone.num_layers:
+        raise ValueError(f"layers {layers} must lie in 1..{backbone.num_layers}")
+    folder = Path(cache_dir) if cache_dir is not None else assets.home() / "hidden"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(backbone.fingerprint, layers, texts)
+    final, partial, progress_file = (folder / f"{key}{ext}" for ext in (".npy", ".partial.npy", ".partial.json"))
+    if final.is_file():
+        return np.load(final, mmap_mode="r")
+    shape = (len(texts), len(layers), backbone.hidden_size)
+    done = 0
+    if partial.is_file() and progress_file.is_file():
+        done = int(json.loads(progress_file.read_text())["rows"])
+        out = np.lib.format.open_memmap(partial, mode="r+")
+    else:
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
+    wanted = set(layers)
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(texts), initial=done, desc="hidden states", disable=not progress, leave=False) as bar,
+    ):
+        for start in range(done, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            state = backbone.start(chunk)
+            column = 0
+            for layer in range(1, layers[-1] + 1):
+                state = backbone.step(state)
+                if layer in wanted:
+                    out[start : start + len(chunk), column] = backbone.pooled(state).float().cpu().numpy()
+                    column += 1
+            out.flush()
+            progress_file.write_text(json.dumps({"rows": start + len(chunk), "of": len(texts)}))
+            bar.update(len(chunk))
+    del out
+    os.replace(partial, final)
+    progress_file.unlink()
+    return np.load(final, mmap_mode="r")
+
+
+def depth_lr(base: float, boost: float = 1.0) -> Callable[[int, int], float]:
+    """Learning rate per exit layer: ``base * (1 + boost * (1 - layer / num_layers))``.
+
+    The shallowest head trains up to (1 + boost) times faster than the last one; ``boost=0`` is constant.
+    """
+    if base <= 0 or boost < 0:
+        raise ValueError(f"need base > 0 and boost >= 0, got base={base}, boost={boost}")
+    return lambda layer, num_layers: base * (1.0 + boost * (1.0 - layer / num_layers))
+
+
+@dataclass
+class TrainConfig:
+    """Head training settings."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    depth_boost: float = 1.0  # see depth_lr
+    weight_decay: float = 1e-2
+    layer_weights: Sequence[float] | None = None  # loss weight per exit layer; default all 1
+    patience: int = 30
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainReport:
+    """Per exit layer: the epoch kept and its validation loss and AUC."""
+
+    layers: list[int]
+    best_epoch: dict[int, int] = field(default_factory=dict)
+    valid_loss: dict[int, float] = field(default_factory=dict)
+    valid_auc: dict[int, float] = field(default_factory=dict)
+    epochs_run: int = 0
+
+
+def fit_heads(
+    heads: ExitHeads,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    valid_features: np.ndarray,
+    valid_labels: np.ndarray,
+    num_layers: int,
+    config: TrainConfig | None = None,
+) -> TrainReport:
+    """Train every trainable head on cached features ``[N, L, H]`` (columns = ``heads.layers``)."""
+    config = config or TrainConfig()
+    layers = heads.layers
+    for name, features, labels in (("train", train_features, train_labels), ("valid", valid_features, valid_labels)):
+        if features.ndim != 3 or features.shape[1] != len(layers) or len(features) != len(labels):
+            raise ValueError(
+                f"{name} features must be [N, {len(layers)}, H] with N = {len(labels)} labels, got {features.shape}"
+            )
+        if len(np.unique(labels)) < 2:
+            raise ValueError(f"{name} labels need both classes to train and validate heads")
+    device = next(iter(heads.parameters())).device
+    x_train = torch.as_tensor(np.asarray(train_features, dtype=np.float32), device=device)
+    x_valid = torch.as_tensor(np.asarray(valid_features, dtype=np.float32), device=device)
+    y_train = torch.as_tensor(np.asarray(train_labels, dtype=np.float32), device=device)
+    y_valid = torch.as_tensor(np.asarray(valid_labels, dtype=np.float32), device=device)
+    weights = list(config.layer_weights) if config.layer_weights is not None else [1.0] * len(layers)
+    if len(weights) != len(layers):
+        raise ValueError(f"layer_weights has {len(weights)} entries for {len(layers)} exit layers")
+
+    trainable = [(j, layer) for j, layer in enumerate(layers) if getattr(heads[layer], "trainable", True)]
+    report = TrainReport(layers=list(layers))
+    if not trainable:
+        return report
+    schedule = depth_lr(config.lr, config.depth_boost)
+    groups = []
+    for j, layer in trainable:
+        head = heads[layer]
+        if hasattr(head, "standardize"):
+            head.standardize.fit(x_train[:, j])
+        groups.append({"params": list(head.parameters()), "lr": schedule(layer, num_layers)})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(config.seed)
+    best = {layer: (float("inf"), -1, None) for _, layer in trainable}
+    stale = 0
+    for epoch in tqdm(range(config.epochs), desc="training heads", disable=not config.progress, leave=False):
+        heads.train()
+        order = torch.randperm(len(x_train), generator=generator).to(device)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            loss = sum(
+                weights[j] * loss_fn(heads[layer].logits(x_train[rows, j]), y_train[rows]) for j, layer in trainable
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        heads.eval()
+        improved = False
+        with torch.no_grad():
+            for j, layer in trainable:
+                valid_loss = float(loss_fn(heads[layer].logits(x_valid[:, j]), y_valid))
+                if valid_loss < best[layer][0] - 1e-5:
+                    best[layer] = (valid_loss, epoch, copy.deepcopy(heads[layer].state_dict()))
+                    improved = True
+        report.epochs_run = epoch + 1
+        stale = 0 if improved else stale + 1
+        if stale >= config.patience:
+            break
+    with torch.no_grad():
+        for j, layer in trainable:
+            valid_loss, epoch, state = best[layer]
+            heads[layer].load_state_dict(state)
+            report.best_epoch[layer] = epoch
+            report.valid_loss[layer] = valid_loss
+            probs = heads[layer](x_valid[:, j]).cpu().numpy()
+            report.valid_auc[layer] = float(roc_auc_score(valid_labels, probs))
+    heads.eval()
+    return report
