@@ -101,7 +101,7 @@ def test_calibrate_validates_shapes():
 
 
 def test_replay_sweep_is_fast():
-    probs, labels, layers = synthetic_run(n=5000)
+    probs, _, layers = synthetic_run(n=5000)
     started = time.perf_counter()
     for threshold in np.linspace(0.5, 1.0, 1000):
         replay(MaxProb(threshold=float(threshold)), probs, layers)
