@@ -1,0 +1,234 @@
+"""Run a config end to end: data -> retriever -> prompts -> backbone + heads -> policy -> store.
+
+:class:`Experiment` builds the expensive parts once (fitted retriever, loaded backbone, trained heads)
+so a notebook can evaluate many policies on the same requests; :func:`evaluate` is the one-call form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mhee_sdk.config import RunConfig
+from mhee_sdk.data.prompt import PromptBuilder
+from mhee_sdk.engine import EarlyExitEngine
+from mhee_sdk.exits.heads import build_heads
+from mhee_sdk.metrics import summarize
+from mhee_sdk.registry import Registry, get_registry
+from mhee_sdk.store import Store
+from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
+from mhee_sdk.types import Prediction, Request, Retrieved
+
+
+@dataclass
+class RunResult:
+    """What one evaluated policy produced."""
+
+    label: str
+    run_id: str | None
+    predictions: list[Prediction]
+    metrics: dict[str, float]
+    seconds: float
+
+
+class Experiment:
+    """The prepared pipeline of a :class:`RunConfig`; evaluate any number of policies with :meth:`run`."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        registry: Registry | None = None,
+        progress: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config
+        self.cache_dir = cache_dir  # hidden-state cache; default $MHEE_HOME/hidden
+        self.registry = registry or get_registry()
+        self.progress = progress
+        create = self.registry.create
+        self.dataset = create("dataset", config.dataset, **config.dataset_params)
+        self.tables = self.dataset.load()
+        self.retriever = create("retriever", config.retriever, **config.retriever_params)
+        self.retriever.fit(self.tables.split("train"), self.dataset.log)
+        self.backbone = create("backbone", config.backbone, **config.backbone_params)
+        self.builder = PromptBuilder(
+            self.tables.users,
+            self.tables.items,
+            max_tokens=config.prompt_tokens,
+            count_tokens=self.backbone.count_tokens,
+        )
+        self.heads = build_heads(config.head, self.backbone, config.exit_layers, self.registry, **config.head_params)
+        self.train_report: TrainReport | None = None
+        self._valid: tuple[np.ndarray, np.ndarray] | None = None
+        self._full_depth_seconds: dict[str, float] = {}
+
+    # -------------------------------------------------------------- inputs
+    def requests(self, split: str | None = None, limit: int | None = None) -> list[Request]:
+        """Seeded sample of a split (default: the config's evaluation split and size)."""
+        split = split or self.config.split
+        return self.dataset.requests(split, limit=limit or self.config.eval_requests, seed=self.config.seed)
+
+    def prompts(self, requests: Sequence[Request]) -> tuple[list[str], list[list[Retrieved]]]:
+        """Retrieve evidence and build the prompt of each request."""
+        retrieved = self.retriever.retrieve(requests, self.config.k)
+        return self.builder.build_many(requests, retrieved), retrieved
+
+    def requests_key(self, requests: Sequence[Request]) -> str:
+        """Identifies runs that are comparable (same requests, prompts, model, heads); only the policy differs."""
+        c = self.config
+        parts = [c.dataset, c.dataset_params, c.retriever, c.retriever_params, c.k, c.prompt_tokens,
+                 self.backbone.fingerprint, c.head, c.head_params, self.heads.layers, c.seed,
+                 [r.request_id for r in requests]]  # fmt: skip
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # -------------------------------------------------------------- heads
+    def features(self, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cached pooled hidden states ``[N, L, H]`` and labels of a seeded sample of `split`."""
+        requests = self.dataset.requests(split, limit=limit, seed=self.config.seed)
+        texts, _ = self.prompts(requests)
+        hidden = collect_hidden(
+            self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress
+        )
+        return hidden, np.array([r.label for r in requests])
+
+    def fit_heads(self, train_config: TrainConfig | None = None) -> TrainReport | None:
+        """Train the heads on the train split, early-stopping on valid (no-op for untrained heads)."""
+        if not self.heads.trainable:
+            return None
+        train_config = train_config or TrainConfig(seed=self.config.seed, progress=self.progress)
+        x_train, y_train = self.features("train", self.config.train_requests)
+        x_valid, y_valid = self.features("valid", self.config.valid_requests)
+        self.train_report = fit_heads(
+            self.heads, x_train, y_train, x_valid, y_valid, self.backbone.num_layers, train_config
+        )
+        self._valid = None
+        return self.train_report
+
+    def valid_outputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Head outputs ``[N, L]`` and labels on the validation sample (for calibrating policies)."""
+        if self._valid is None:
+            hidden, labels = self.features("valid", self.config.valid_requests)
+            with torch.no_grad():
+                device = self.backbone.device
+                columns = [
+                    self.heads[layer](torch.as_tensor(np.asarray(hidden[:, j], dtype=np.float32), device=device))
+                    for j, layer in enumerate(self.heads.layers)
+                ]
+            self._valid = (torch.stack(columns, dim=1).double().cpu().numpy(), labels)
+        return self._valid
+
+    def make_policy(self, name: str, params: dict[str, Any] | None = None):
+        """A registered policy; ones with ``calibrate`` are calibrated on the validation outputs."""
+        policy = self.registry.create("exit_policy", name, **(params or {}))
+        if hasattr(policy, "calibrate") and not getattr(policy, "thresholds", None):
+            probs, labels = self.valid_outputs()
+            policy.calibrate(probs, labels, self.heads.layers)
+        return policy
+
+    # -------------------------------------------------------------- running
+    def run(
+        self,
+        policy: str | None = None,
+        params: dict[str, Any] | None = None,
+        store: Store | None = None,
+        requests: Sequence[Request] | None = None,
+        name: str = "",
+    ) -> RunResult:
+        """Evaluate one policy on the evaluation requests; logs to `store` when given."""
+        name_ = policy or self.config.policy
+        params = dict(self.config.policy_params if policy is None else (params or {}))
+        config = self.config.replace(policy=name_, policy_params=params, name=name or "")
+        policy_obj = self.make_policy(name_, params)
+        if hasattr(policy_obj, "thresholds"):
+            config.policy_params = {**params, "thresholds": {str(k): v for k, v in policy_obj.thresholds.items()}}
+        requests = list(requests) if requests is not None else self.requests()
+        texts, retrieved = self.prompts(requests)
+        key = self.requests_key(requests)
+        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj)
+        if store is None:
+            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, None, None)
+            run_id = None
+        else:
+            with store.recording(config.to_dict(), self.heads.layers, self.backbone.num_layers,
+                                 name=config.label, requests_key=key) as run_id:  # fmt: skip
+                predictions, seconds = self._run_batches(engine, requests, texts, retrieved, store, run_id)
+                metrics = self._metrics(requests, predictions, seconds, key, name_, store)
+                store.add_metrics(run_id, metrics)
+                store.add_timing(run_id, "engine", seconds, len(requests))
+        if store is None:
+            metrics = self._metrics(requests, predictions, seconds, key, name_, None)
+        return RunResult(config.label, run_id, predictions, metrics, seconds)
+
+    def _run_batches(self, engine, requests, texts, retrieved, store, run_id) -> tuple[list[Prediction], float]:
+        predictions: list[Prediction] = []
+        seconds = 0.0
+        size = self.config.batch_size
+        with tqdm(
+            total=len(requests), desc=f"eval {engine.policy.name}", disable=not self.progress, leave=False
+        ) as bar:
+            for start in range(0, len(requests), size):
+                batch = requests[start : start + size]
+                started = time.perf_counter()
+                out = engine.run_batch(texts[start : start + size], [r.request_id for r in batch])
+                seconds += time.perf_counter() - started
+                predictions += out
+                if store is not None:
+                    self._log_batch(
+                        store, run_id, batch, out, texts[start : start + size], retrieved[start : start + size]
+                    )
+                bar.update(len(batch))
+        return predictions, seconds
+
+    def _log_batch(self, store, run_id, batch, out, texts, retrieved) -> None:
+        store.append(run_id, "predictions", pd.DataFrame({
+            "request_id": [r.request_id for r in batch], "user": [r.user for r in batch],
+            "item": [r.item for r in batch], "label": [r.label for r in batch], "prob": [p.prob for p in out],
+            "exit_layer": [p.exit_layer for p in out], "latency_s": [p.latency_s for p in out]}))  # fmt: skip
+        layers = self.heads.layers
+        store.append(run_id, "layer_outputs", pd.DataFrame(
+            [(p.request_id, layers[j], self.config.head, prob) for p in out for j, prob in enumerate(p.layer_probs)],
+            columns=["request_id", "layer", "head", "prob"]))  # fmt: skip
+        store.append(run_id, "requests", pd.DataFrame({
+            "request_id": [r.request_id for r in batch], "prompt": list(texts),
+            "retrieved": [json.dumps([asdict(x) for x in found]) for found in retrieved]}))  # fmt: skip
+
+    def _metrics(self, requests, predictions, seconds, key, policy_name, store) -> dict[str, float]:
+        metrics = summarize(
+            [r.label for r in requests], [p.prob for p in predictions], [r.user for r in requests],
+            [p.exit_layer for p in predictions], self.backbone.num_layers,
+        )  # fmt: skip
+        metrics["seconds"] = seconds
+        metrics["requests_per_s"] = len(requests) / seconds
+        if policy_name == "never":
+            self._full_depth_seconds[key] = seconds
+        full = self._full_depth_seconds.get(key)
+        if full is None and store is not None:
+            found = store.query(
+                """SELECT t.seconds FROM runs r JOIN timings t USING (run_id)
+                   WHERE r.requests_key = ? AND r.status = 'finished' AND t.stage = 'engine'
+                     AND json_extract_string(r.config, '$.policy') = 'never'
+                   ORDER BY r.created DESC LIMIT 1""",
+                [key],
+            )
+            full = float(found["seconds"].iloc[0]) if not found.empty else None
+        if full is not None:
+            metrics["speedup"] = full / seconds
+        return metrics
+
+
+def evaluate(config: RunConfig | dict[str, Any], store: Store | None = None, progress: bool = True) -> RunResult:
+    """Prepare `config`, train its heads, and evaluate its policy (one call; see Experiment for many policies)."""
+    config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    experiment = Experiment(config, progress=progress)
+    experiment.fit_heads()
+    return experiment.run(store=store)

@@ -1,0 +1,62 @@
+"""Quality and exit metrics: AUC, GAUC, LogLoss, accuracy, exit-layer statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+
+def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
+    """ROC AUC (scikit-learn); NaN when only one class is present."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, probs))
+
+
+def gauc(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) -> float:
+    """Group AUC (as in DIN): per-user AUC averaged with weights = that user's number of requests.
+
+    Users whose requests are all one class have no AUC and are skipped. NaN if no user qualifies.
+    """
+    frame = pd.DataFrame({"label": np.asarray(labels), "prob": np.asarray(probs), "user": np.asarray(users)})
+    total, weight = 0.0, 0
+    for _, group in frame.groupby("user", sort=False):
+        if group["label"].nunique() == 2:
+            total += len(group) * roc_auc_score(group["label"], group["prob"])
+            weight += len(group)
+    return total / weight if weight else float("nan")
+
+
+def summarize(
+    labels: Sequence[int],
+    probs: Sequence[float],
+    users: Sequence[int],
+    exit_layers: Sequence[int],
+    num_layers: int,
+) -> dict[str, float]:
+    """All per-run metrics as one flat dict.
+
+    layer_savings is ``num_layers / mean exit layer``: the speedup an engine with no overhead would get.
+    """
+    labels, probs = np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    exit_layers = np.asarray(exit_layers)
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, users),
+        "logloss": float(log_loss(labels, probs, labels=[0, 1])) if both else float("nan"),
+        "accuracy": float(accuracy_score(labels, probs >= 0.5)),
+        "mean_exit_layer": float(exit_layers.mean()),
+        "layer_savings": float(num_layers / exit_layers.mean()),
+        "requests": float(len(labels)),
+    }
+
+
+def exit_histogram(exit_layers: Sequence[int]) -> dict[int, int]:
+    """Number of requests that exited at each layer, by layer."""
+    values, counts = np.unique(np.asarray(exit_layers), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mhee_sdk.metrics import auc, exit_histogram, gauc, summarize
+
+
+def test_auc_by_hand():
+    # positives 0.9, 0.4; negatives 0.5, 0.1: pairs (0.9>0.5, 0.9>0.1, 0.4<0.5, 0.4>0.1) -> 3/4
+    assert auc([1, 0, 1, 0], [0.9, 0.5, 0.4, 0.1]) == pytest.approx(0.75)
+    assert math.isnan(auc([1, 1], [0.2, 0.3]))
+
+
+def test_gauc_weights_users_by_requests_and_skips_one_class_users():
+    labels = [1, 0, 1, 0, 0, 1, 1]
+    probs = [0.9, 0.1, 0.2, 0.8, 0.3, 0.5, 0.6]
+    users = [1, 1, 2, 2, 2, 3, 3]
+    # user 1: AUC 1.0 (2 requests); user 2: positive 0.2 vs negatives 0.8, 0.3 -> 0.0 (3 requests); user 3 skipped
+    assert gauc(labels, probs, users) == pytest.approx((2 * 1.0 + 3 * 0.0) / 5)
+
+
+def test_summarize_by_hand():
+    m = summarize([1, 0], [0.8, 0.4], [1, 1], [6, 30], num_layers=30)
+    assert m["auc"] == 1.0 and m["accuracy"] == 1.0
+    assert m["logloss"] == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert m["mean_exit_layer"] == 18 and m["layer_savings"] == pytest.approx(30 / 18)
+    assert exit_histogram([6, 30, 6]) == {6: 2, 30: 1}
