@@ -1,4 +1,4 @@
-"""The `mhee` command: plugins, assets, demo."""
+"""The `mhee` command: plugins, assets, demo, eval, report."""
 
 from __future__ import annotations
 
@@ -56,7 +56,35 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mhee_sdk.demo import run_demo
 
-    run_demo(samples=args.samples, out_dir=args.out)
+    run_demo(samples=args.samples, out_dir=args.out, backbone=args.backbone)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mhee_sdk.config import RunConfig
+    from mhee_sdk.evaluation import evaluate
+    from mhee_sdk.report import format_runs, runs_table
+    from mhee_sdk.store import Store
+
+    config = RunConfig.from_toml(args.config)
+    store = Store.open(args.store)
+    result = evaluate(config, store=store)
+    print(format_runs(runs_table(store, [result.run_id])))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mhee_sdk.report import format_runs, runs_table, write_plots
+    from mhee_sdk.store import Store
+
+    store = Store.open(args.store, read_only=True)
+    table = runs_table(store, args.run_ids or None)
+    if table.empty:
+        print(f"no finished runs in {store.path}")
+        return 1
+    print(format_runs(table))
+    paths = write_plots(store, table, args.out)
+    print(f"\nwrote {len(paths)} plots to {args.out}/")
     return 0
 
 
@@ -78,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demo on MovieLens-100K with SmolLM2-135M")
     demo.add_argument("--samples", type=int, default=None, help="test requests to score (default: see output)")
     demo.add_argument("--out", default="demo_out", help="folder for the DuckDB file and plots")
+    demo.add_argument("--backbone", default=None, help="registered backbone name (default smollm2-135m; tiny: quick)")
     demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("eval", help="evaluate one run config (TOML) and record it in the store")
+    run.add_argument("config", help="path to a TOML run config (see docs/cli.md)")
+    run.add_argument("--store", default="mhee_runs.duckdb", help="DuckDB store file")
+    run.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="print the table of runs in a store and write plots")
+    report.add_argument("run_ids", nargs="*", help="runs to show (default: all finished runs)")
+    report.add_argument("--store", default="demo_out/mhee_runs.duckdb", help="DuckDB store file")
+    report.add_argument("--out", default="report_out", help="folder for the plots")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,7 +1,10 @@
-"""`mhee demo`: the pipeline pieces that exist so far, end to end on real data and the real model.
+"""`mhee demo`: the whole method on real data and the real model, in a few minutes on a laptop CPU.
 
-Zero-shot: MovieLens-100K test requests, the `recent` retriever, SmolLM2-135M run layer by layer with
-the verbalizer head ("Yes" vs "No" logits) on every 3rd layer, full depth versus max-prob early exit.
+MovieLens-100K, the GCN retriever (similar users' ratings of the candidate in the prompt), SmolLM2-135M
+frozen, linear exit heads on every 3rd layer trained on the train split, then the full-depth run, five
+early-exit policies and three classic baselines on the same held-out test requests. Prints one table,
+writes ``pareto.png`` and the DuckDB store. Hidden states of the training requests are cached, so a
+second run skips that step.
 """
 
 from __future__ import annotations
@@ -9,37 +12,64 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
+from mhee_sdk.config import RunConfig
+from mhee_sdk.evaluation import Experiment
+from mhee_sdk.report import format_runs, runs_table, write_plots
+from mhee_sdk.store import Store
 
-from mhee_sdk.data.prompt import PromptBuilder
-from mhee_sdk.engine import EarlyExitEngine
-from mhee_sdk.exits.heads import build_heads
-from mhee_sdk.registry import create
+DEMO_CONFIG = RunConfig(
+    name="demo",
+    retriever="gcn",
+    retriever_params={"mode": "users"},
+    k=10,
+    prompt_tokens=160,
+    backbone="smollm2-135m",
+    head="linear",
+    train_requests=500,
+    valid_requests=250,
+    eval_requests=200,
+    batch_size=32,
+)
+DEMO_POLICIES = [
+    ("fixed-layer", {"layer": 6}),
+    ("max-prob", {"threshold": 0.75}),
+    ("patience", {"patience": 2}),
+    ("multi-head", {"ratio": 2.0, "window": 2}),
+    ("calibrated", {"budget": 0.005}),
+]
+DEMO_BASELINES = ["popularity", "gcn-score", "logistic"]
 
-DEFAULT_SAMPLES = 64
 
-
-def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out") -> None:
-    """Score `samples` test requests at full depth and with early exit; print a table."""
-    samples = samples or DEFAULT_SAMPLES
-    dataset = create("dataset", "movielens-100k")
-    tables = dataset.load()
-    requests = dataset.requests("test", limit=samples, seed=0)
-    retriever = create("retriever", "recent").fit(tables.split("train"), dataset.log)
-    backbone = create("backbone", "smollm2-135m")
-    builder = PromptBuilder(tables.users, tables.items, max_tokens=160, count_tokens=backbone.count_tokens)
-    texts = builder.build_many(requests, retriever.retrieve(requests, k=10))
-    heads = build_heads("verbalizer", backbone)
-    labels = np.array([r.label for r in requests])
-    print(f"MovieLens-100K: {samples} test requests, recent-10 retriever, SmolLM2-135M, verbalizer heads")
-    print(f"{'policy':<22}{'AUC':>7}{'mean exit':>11}{'seconds':>9}")
-    for name, params in [("never", {}), ("max-prob", {"threshold": 0.6})]:
-        engine = EarlyExitEngine(backbone, heads, create("exit_policy", name, **params))
-        started = time.perf_counter()
-        predictions = engine.run(texts, [r.request_id for r in requests], batch_size=16)
-        seconds = time.perf_counter() - started
-        auc = roc_auc_score(labels, [p.prob for p in predictions])
-        mean_exit = np.mean([p.exit_layer for p in predictions])
-        print(f"{name + str(params or ''):<22}{auc:>7.3f}{mean_exit:>11.1f}{seconds:>9.1f}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backbone: str | None = None) -> Path:
+    """Run the demo; returns the store path. `samples` overrides the number of test requests."""
+    config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests)
+    if backbone:
+        config = config.replace(backbone=backbone)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(
+        f"mhee demo: MovieLens-100K, retriever={config.retriever}{config.retriever_params}, "
+        f"backbone={config.backbone}, "
+        f"{config.head} heads; {config.train_requests} train / {config.valid_requests} valid requests for the heads, "
+        f"{config.eval_requests} test requests scored (batch {config.batch_size})",
+        flush=True,
+    )
+    experiment = Experiment(config)
+    report = experiment.fit_heads()
+    if report is not None:
+        best = max(report.valid_auc, key=report.valid_auc.get)
+        print(f"heads trained: best valid AUC {report.valid_auc[best]:.3f} at layer {best}, "
+              f"last layer {report.valid_auc[experiment.heads.layers[-1]]:.3f}", flush=True)  # fmt: skip
+    store = Store.open(out / "mhee_runs.duckdb")
+    run_ids = [experiment.run("never", store=store, name="full depth").run_id]
+    for policy, params in DEMO_POLICIES:
+        run_ids.append(experiment.run(policy, params, store=store).run_id)
+    for baseline in DEMO_BASELINES:
+        run_ids.append(experiment.run_baseline(baseline, store=store).run_id)
+    table = runs_table(store, run_ids)
+    print()
+    print(format_runs(table))
+    paths = write_plots(store, table, out)
+    print(f"\nwrote {paths[0]} and {store.path} in {time.perf_counter() - started:.0f} s")
+    return store.path

@@ -7,6 +7,7 @@ so a notebook can evaluate many policies on the same requests; :func:`evaluate` 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -19,11 +20,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mhee_sdk.baselines import platt
 from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.heads import build_heads
-from mhee_sdk.metrics import summarize
+from mhee_sdk.metrics import quality, summarize
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
@@ -224,6 +226,42 @@ class Experiment:
         if full is not None:
             metrics["speedup"] = full / seconds
         return metrics
+
+    def run_baseline(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        store: Store | None = None,
+        requests: Sequence[Request] | None = None,
+    ) -> RunResult:
+        """Score a registered classic baseline on the same requests (Platt-calibrated on validation)."""
+        entry, implied = self.registry.get("baseline", name)
+        params = dict(params or {})
+        accepted = inspect.signature(entry.factory).parameters
+        extras = {k: v for k, v in (("users", self.tables.users), ("items", self.tables.items)) if k in accepted}
+        baseline = entry.factory(**implied, **extras, **params)
+        started = time.perf_counter()
+        baseline.fit(self.tables.split("train"), self.dataset.log)
+        valid = self.dataset.requests("valid", limit=self.config.valid_requests, seed=self.config.seed)
+        calibrate = platt(baseline.score(valid), [r.label for r in valid])
+        requests = list(requests) if requests is not None else self.requests()
+        probs = calibrate(baseline.score(requests))
+        seconds = time.perf_counter() - started
+        metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
+        predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
+        run_id = None
+        if store is not None:
+            config = {"baseline": name, "baseline_params": params, "dataset": self.config.dataset,
+                      "split": self.config.split, "seed": self.config.seed}  # fmt: skip
+            with store.recording(config, [], 0, name=name, kind="baseline",
+                                 requests_key=self.requests_key(requests)) as run_id:  # fmt: skip
+                store.append(run_id, "predictions", pd.DataFrame({
+                    "request_id": [r.request_id for r in requests], "user": [r.user for r in requests],
+                    "item": [r.item for r in requests], "label": [r.label for r in requests], "prob": probs,
+                    "exit_layer": 0, "latency_s": seconds / len(requests)}))  # fmt: skip
+                store.add_metrics(run_id, metrics)
+                store.add_timing(run_id, "fit+score", seconds, len(requests))
+        return RunResult(name, run_id, predictions, metrics, seconds)
 
 
 def evaluate(config: RunConfig | dict[str, Any], store: Store | None = None, progress: bool = True) -> RunResult:

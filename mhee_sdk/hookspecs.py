@@ -81,3 +81,14 @@ def register_exit_policies(register: Register) -> None:
     a bool array ``[B]`` (True = stop here). It must depend on nothing else, so the same code runs live
     and when replaying logged outputs. The engine always stops at the last exit layer.
     """
+
+
+@hookspec
+def register_baselines(register: Register) -> None:
+    """Register classic (non-LLM) recommenders to compare against: ``register("my-baseline", MyBaseline)``.
+
+    The factory returns an object with ``fit(train, log)`` (training interactions only, plus the
+    strictly-earlier log) and ``score(requests) -> numpy array [N]``, higher meaning more likely liked.
+    Scores need not be probabilities: evaluation calibrates them on validation requests. Factories
+    receive ``users=`` and ``items=`` tables as keyword arguments when they accept them.
+    """

@@ -31,6 +31,19 @@ def gauc(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) ->
     return total / weight if weight else float("nan")
 
 
+def quality(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) -> dict[str, float]:
+    """AUC, GAUC, LogLoss and accuracy (threshold 0.5) of probabilities."""
+    labels, probs = np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, users),
+        "logloss": float(log_loss(labels, probs, labels=[0, 1])) if both else float("nan"),
+        "accuracy": float(accuracy_score(labels, probs >= 0.5)),
+        "requests": float(len(labels)),
+    }
+
+
 def summarize(
     labels: Sequence[int],
     probs: Sequence[float],
@@ -38,21 +51,15 @@ def summarize(
     exit_layers: Sequence[int],
     num_layers: int,
 ) -> dict[str, float]:
-    """All per-run metrics as one flat dict.
+    """Quality plus exit statistics as one flat dict.
 
     layer_savings is ``num_layers / mean exit layer``: the speedup an engine with no overhead would get.
     """
-    labels, probs = np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     exit_layers = np.asarray(exit_layers)
-    both = len(np.unique(labels)) == 2
     return {
-        "auc": auc(labels, probs),
-        "gauc": gauc(labels, probs, users),
-        "logloss": float(log_loss(labels, probs, labels=[0, 1])) if both else float("nan"),
-        "accuracy": float(accuracy_score(labels, probs >= 0.5)),
+        **quality(labels, probs, users),
         "mean_exit_layer": float(exit_layers.mean()),
         "layer_savings": float(num_layers / exit_layers.mean()),
-        "requests": float(len(labels)),
     }
 
 

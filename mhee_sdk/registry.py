@@ -32,15 +32,18 @@ HOOKS: dict[str, str] = {
     "backbone": "register_backbones",
     "exit_head": "register_exit_heads",
     "exit_policy": "register_exit_policies",
+    "baseline": "register_baselines",
 }
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "mhee_sdk.data.movielens",
     "mhee_sdk.retrievers.simple",
+    "mhee_sdk.retrievers.gcn",
     "mhee_sdk.backbones.hf",
     "mhee_sdk.backbones.tiny",
     "mhee_sdk.exits.heads",
     "mhee_sdk.exits.policies",
+    "mhee_sdk.baselines",
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]*:?$")
