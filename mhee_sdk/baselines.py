@@ -107,6 +107,40 @@ class Logistic:
         return self.model.predict_proba(x)[:, 1]
 
 
+class CollaborativeLogistic:
+    """The ``hybrid`` head's collaborative features alone (no LLM) in a logistic regression.
+
+    The honest yardstick for the hybrid head: whatever the hybrid gains over this, the LLM's hidden
+    state contributed. Trained on `train_requests` sampled training ratings with the same retriever.
+    """
+
+    name = "collab-logistic"
+
+    def __init__(self, train_requests: int = 600, k: int = 10, seed: int = 0, retriever=None) -> None:
+        self.train_requests, self.k, self.seed, self.retriever = train_requests, k, seed, retriever
+
+    def fit(self, train: pd.DataFrame, log: InteractionLog) -> CollaborativeLogistic:
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        from mhee_sdk.exits.features import CollaborativeFeatures
+        from mhee_sdk.retrievers.gcn import GCNRetriever
+
+        if self.retriever is None:
+            self.retriever = GCNRetriever(mode="users", progress=False).fit(train, log)
+        rows = train.sample(n=min(self.train_requests, len(train)), random_state=self.seed)
+        requests = [Request(int(i), int(r.user), int(r.item), int(r.label), int(r.ts)) for i, r in rows.iterrows()]
+        self.features = CollaborativeFeatures().fit(train, log, self.retriever)
+        x = self.features.compute(requests, self.retriever.retrieve(requests, self.k))
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        self.model.fit(x, rows["label"].to_numpy())
+        return self
+
+    def score(self, requests: Sequence[Request]) -> np.ndarray:
+        x = self.features.compute(requests, self.retriever.retrieve(requests, self.k))
+        return self.model.predict_proba(x)[:, 1]
+
+
 def platt(valid_scores: np.ndarray, valid_labels: np.ndarray):
     """A 1-D logistic calibration fitted on validation scores; returns ``scores -> probabilities``."""
     model = LogisticRegression().fit(np.asarray(valid_scores).reshape(-1, 1), np.asarray(valid_labels))
@@ -118,3 +152,4 @@ def register_baselines(register) -> None:
     register("popularity", Popularity)
     register("gcn-score", GCNScore)
     register("logistic", Logistic)
+    register("collab-logistic", CollaborativeLogistic)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,11 +42,12 @@ class EarlyExitEngine:
         batch_size: int = 32,
         sort_by_length: bool = False,
         progress: bool = True,
+        features: np.ndarray | None = None,
     ) -> list[Prediction]:
         """Predictions for every prompt, in input order.
 
         sort_by_length: batch prompts of similar length together (less padding); latencies then
-        reflect that batching.
+        reflect that batching. features: ``[N, F]`` collaborative features, for heads that read them.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -65,20 +66,27 @@ class EarlyExitEngine:
         ) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                for position, prediction in zip(
-                    chunk, self.run_batch([texts[i] for i in chunk], [ids[i] for i in chunk]), strict=True
-                ):
+                batch_features = None if features is None else np.asarray(features)[chunk]
+                out = self.run_batch([texts[i] for i in chunk], [ids[i] for i in chunk], batch_features)
+                for position, prediction in zip(chunk, out, strict=True):
                     results[position] = prediction
                 bar.update(len(chunk))
         return [results[i] for i in range(len(texts))]
 
     @torch.inference_mode()
-    def run_batch(self, texts: Sequence[str], request_ids: Sequence[int]) -> list[Prediction]:
+    def run_batch(
+        self, texts: Sequence[str], request_ids: Sequence[int], features: np.ndarray | None = None
+    ) -> list[Prediction]:
         """One batch through the loop; returns predictions in the batch's order."""
         started = time.perf_counter()
         layers = self.heads.layers
         last = layers[-1]
         state = self.backbone.start(texts)
+        if self.heads.needs_features:
+            if features is None or len(features) != len(texts):
+                raise ValueError("these exit heads read collaborative features: pass features=[N, F] to the engine")
+            tensor = torch.as_tensor(np.asarray(features, dtype=np.float32), device=state.hidden.device)
+            state = replace(state, extras={**state.extras, "features": tensor})
         running = np.arange(len(texts))  # original row of each row still in the batch
         probs = np.full((len(texts), len(layers)), np.nan)
         done: dict[int, Prediction] = {}
@@ -87,7 +95,7 @@ class EarlyExitEngine:
             state = self.backbone.step(state)
             if layer not in self.heads:
                 continue
-            head_out = self.heads[layer](self.backbone.pooled(state))
+            head_out = self.heads.predict(layer, self.backbone.pooled(state), state.extras.get("features"))
             probs[running, column] = head_out.float().cpu().numpy()
             if layer == last:
                 stop = np.ones(len(running), dtype=bool)

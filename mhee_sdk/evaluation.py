@@ -24,6 +24,7 @@ from mhee_sdk.baselines import platt
 from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.engine import EarlyExitEngine
+from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import build_heads
 from mhee_sdk.metrics import quality, summarize
 from mhee_sdk.registry import Registry, get_registry
@@ -70,6 +71,11 @@ class Experiment:
             count_tokens=self.backbone.count_tokens,
         )
         self.heads = build_heads(config.head, self.backbone, config.exit_layers, self.registry, **config.head_params)
+        self.collaborative = None
+        if self.heads.needs_features:
+            self.collaborative = CollaborativeFeatures().fit(
+                self.tables.split("train"), self.dataset.log, self.retriever
+            )
         self.train_report: TrainReport | None = None
         self._valid: tuple[np.ndarray, np.ndarray] | None = None
         self._full_depth_seconds: dict[str, float] = {}
@@ -85,6 +91,12 @@ class Experiment:
         retrieved = self.retriever.retrieve(requests, self.config.k)
         return self.builder.build_many(requests, retrieved), retrieved
 
+    def extra_features(
+        self, requests: Sequence[Request], retrieved: Sequence[Sequence[Retrieved]]
+    ) -> np.ndarray | None:
+        """Collaborative features ``[N, F]`` when the heads read them, else None."""
+        return None if self.collaborative is None else self.collaborative.compute(requests, retrieved)
+
     def requests_key(self, requests: Sequence[Request]) -> str:
         """Identifies runs that are comparable (same requests, prompts, model, heads); only the policy differs."""
         c = self.config
@@ -94,24 +106,24 @@ class Experiment:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------- heads
-    def features(self, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cached pooled hidden states ``[N, L, H]`` and labels of a seeded sample of `split`."""
+    def features(self, split: str, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Cached pooled hidden states ``[N, L, H]``, labels, and collaborative features of a sample of `split`."""
         requests = self.dataset.requests(split, limit=limit, seed=self.config.seed)
-        texts, _ = self.prompts(requests)
+        texts, retrieved = self.prompts(requests)
         hidden = collect_hidden(
             self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress
         )
-        return hidden, np.array([r.label for r in requests])
+        return hidden, np.array([r.label for r in requests]), self.extra_features(requests, retrieved)
 
     def fit_heads(self, train_config: TrainConfig | None = None) -> TrainReport | None:
         """Train the heads on the train split, early-stopping on valid (no-op for untrained heads)."""
         if not self.heads.trainable:
             return None
         train_config = train_config or TrainConfig(seed=self.config.seed, progress=self.progress)
-        x_train, y_train = self.features("train", self.config.train_requests)
-        x_valid, y_valid = self.features("valid", self.config.valid_requests)
+        x_train, y_train, f_train = self.features("train", self.config.train_requests)
+        x_valid, y_valid, f_valid = self.features("valid", self.config.valid_requests)
         self.train_report = fit_heads(
-            self.heads, x_train, y_train, x_valid, y_valid, self.backbone.num_layers, train_config
+            self.heads, x_train, y_train, x_valid, y_valid, self.backbone.num_layers, train_config, f_train, f_valid
         )
         self._valid = None
         return self.train_report
@@ -119,11 +131,14 @@ class Experiment:
     def valid_outputs(self) -> tuple[np.ndarray, np.ndarray]:
         """Head outputs ``[N, L]`` and labels on the validation sample (for calibrating policies)."""
         if self._valid is None:
-            hidden, labels = self.features("valid", self.config.valid_requests)
+            hidden, labels, extra = self.features("valid", self.config.valid_requests)
+            device = self.backbone.device
+            extra = None if extra is None else torch.as_tensor(extra, device=device)
             with torch.no_grad():
-                device = self.backbone.device
                 columns = [
-                    self.heads[layer](torch.as_tensor(np.asarray(hidden[:, j], dtype=np.float32), device=device))
+                    self.heads.predict(
+                        layer, torch.as_tensor(np.asarray(hidden[:, j], np.float32), device=device), extra
+                    )
                     for j, layer in enumerate(self.heads.layers)
                 ]
             self._valid = (torch.stack(columns, dim=1).double().cpu().numpy(), labels)
@@ -155,15 +170,16 @@ class Experiment:
             config.policy_params = {**params, "thresholds": {str(k): v for k, v in policy_obj.thresholds.items()}}
         requests = list(requests) if requests is not None else self.requests()
         texts, retrieved = self.prompts(requests)
+        extra = self.extra_features(requests, retrieved)
         key = self.requests_key(requests)
         engine = EarlyExitEngine(self.backbone, self.heads, policy_obj)
         if store is None:
-            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, None, None)
+            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, extra, None, None)
             run_id = None
         else:
             with store.recording(config.to_dict(), self.heads.layers, self.backbone.num_layers,
                                  name=config.label, requests_key=key) as run_id:  # fmt: skip
-                predictions, seconds = self._run_batches(engine, requests, texts, retrieved, store, run_id)
+                predictions, seconds = self._run_batches(engine, requests, texts, retrieved, extra, store, run_id)
                 metrics = self._metrics(requests, predictions, seconds, key, name_, store)
                 store.add_metrics(run_id, metrics)
                 store.add_timing(run_id, "engine", seconds, len(requests))
@@ -171,7 +187,7 @@ class Experiment:
             metrics = self._metrics(requests, predictions, seconds, key, name_, None)
         return RunResult(config.label, run_id, predictions, metrics, seconds)
 
-    def _run_batches(self, engine, requests, texts, retrieved, store, run_id) -> tuple[list[Prediction], float]:
+    def _run_batches(self, engine, requests, texts, retrieved, extra, store, run_id) -> tuple[list[Prediction], float]:
         predictions: list[Prediction] = []
         seconds = 0.0
         size = self.config.batch_size
@@ -181,7 +197,8 @@ class Experiment:
             for start in range(0, len(requests), size):
                 batch = requests[start : start + size]
                 started = time.perf_counter()
-                out = engine.run_batch(texts[start : start + size], [r.request_id for r in batch])
+                batch_extra = None if extra is None else extra[start : start + size]
+                out = engine.run_batch(texts[start : start + size], [r.request_id for r in batch], batch_extra)
                 seconds += time.perf_counter() - started
                 predictions += out
                 if store is not None:
@@ -238,7 +255,11 @@ class Experiment:
         entry, implied = self.registry.get("baseline", name)
         params = dict(params or {})
         accepted = inspect.signature(entry.factory).parameters
-        extras = {k: v for k, v in (("users", self.tables.users), ("items", self.tables.items)) if k in accepted}
+        # what an experiment can hand a baseline; each gets the ones its factory accepts
+        c = self.config
+        offered = {"users": self.tables.users, "items": self.tables.items, "retriever": self.retriever,
+                   "train_requests": c.train_requests, "k": c.k, "seed": c.seed}  # fmt: skip
+        extras = {k: v for k, v in offered.items() if k in accepted and k not in params}
         baseline = entry.factory(**implied, **extras, **params)
         started = time.perf_counter()
         baseline.fit(self.tables.split("train"), self.dataset.log)

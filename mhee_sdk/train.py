@@ -137,8 +137,13 @@ def fit_heads(
     valid_labels: np.ndarray,
     num_layers: int,
     config: TrainConfig | None = None,
+    train_extra: np.ndarray | None = None,
+    valid_extra: np.ndarray | None = None,
 ) -> TrainReport:
-    """Train every trainable head on cached features ``[N, L, H]`` (columns = ``heads.layers``)."""
+    """Train every trainable head on cached features ``[N, L, H]`` (columns = ``heads.layers``).
+
+    train_extra / valid_extra: collaborative features ``[N, F]`` for heads that read them (``hybrid``).
+    """
     config = config or TrainConfig()
     layers = heads.layers
     for name, features, labels in (("train", train_features, train_labels), ("valid", valid_features, valid_labels)):
@@ -153,6 +158,10 @@ def fit_heads(
     x_valid = torch.as_tensor(np.asarray(valid_features, dtype=np.float32), device=device)
     y_train = torch.as_tensor(np.asarray(train_labels, dtype=np.float32), device=device)
     y_valid = torch.as_tensor(np.asarray(valid_labels, dtype=np.float32), device=device)
+    if heads.needs_features and (train_extra is None or valid_extra is None):
+        raise ValueError("these heads read collaborative features: pass train_extra and valid_extra ([N, F])")
+    f_train = None if train_extra is None else torch.as_tensor(np.asarray(train_extra, np.float32), device=device)
+    f_valid = None if valid_extra is None else torch.as_tensor(np.asarray(valid_extra, np.float32), device=device)
     weights = list(config.layer_weights) if config.layer_weights is not None else [1.0] * len(layers)
     if len(weights) != len(layers):
         raise ValueError(f"layer_weights has {len(weights)} entries for {len(layers)} exit layers")
@@ -167,6 +176,8 @@ def fit_heads(
         head = heads[layer]
         if hasattr(head, "standardize"):
             head.standardize.fit(x_train[:, j])
+        if hasattr(head, "feature_standardize"):
+            head.feature_standardize.fit(f_train)
         groups.append({"params": list(head.parameters()), "lr": schedule(layer, num_layers)})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -178,8 +189,10 @@ def fit_heads(
         order = torch.randperm(len(x_train), generator=generator).to(device)
         for start in range(0, len(order), config.batch_size):
             rows = order[start : start + config.batch_size]
+            extra = None if f_train is None else f_train[rows]
             loss = sum(
-                weights[j] * loss_fn(heads[layer].logits(x_train[rows, j]), y_train[rows]) for j, layer in trainable
+                weights[j] * loss_fn(heads.logits(layer, x_train[rows, j], extra), y_train[rows])
+                for j, layer in trainable
             )
             optimizer.zero_grad()
             loss.backward()
@@ -188,7 +201,7 @@ def fit_heads(
         improved = False
         with torch.no_grad():
             for j, layer in trainable:
-                valid_loss = float(loss_fn(heads[layer].logits(x_valid[:, j]), y_valid))
+                valid_loss = float(loss_fn(heads.logits(layer, x_valid[:, j], f_valid), y_valid))
                 if valid_loss < best[layer][0] - 1e-5:
                     best[layer] = (valid_loss, epoch, copy.deepcopy(heads[layer].state_dict()))
                     improved = True
@@ -202,7 +215,7 @@ def fit_heads(
             heads[layer].load_state_dict(state)
             report.best_epoch[layer] = epoch
             report.valid_loss[layer] = valid_loss
-            probs = heads[layer](x_valid[:, j]).cpu().numpy()
+            probs = heads.predict(layer, x_valid[:, j], f_valid).cpu().numpy()
             report.valid_auc[layer] = float(roc_auc_score(valid_labels, probs))
     heads.eval()
     return report

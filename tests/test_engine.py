@@ -113,3 +113,15 @@ def test_engine_validates_inputs(tiny, heads, prompts):
 
     with pytest.raises(ValueError, match="policy 'wrong' returned shape"):
         EarlyExitEngine(tiny, heads, Wrong()).run(prompts[0][:3], progress=False)
+
+
+def test_hybrid_heads_need_features_in_the_engine(tiny, prompts):
+    registry = Registry(load_entry_points=False)
+    heads = build_heads("hybrid", tiny, registry=registry, feature_size=3)
+    engine = EarlyExitEngine(tiny, heads, registry.create("exit_policy", "never"))
+    with pytest.raises(ValueError, match="pass features="):
+        engine.run(prompts[0][:4], progress=False)
+    features = np.random.default_rng(0).normal(size=(4, 3))
+    out = engine.run(prompts[0][:4], features=features, batch_size=3, progress=False)
+    shuffled = engine.run(prompts[0][:4][::-1], features=features[::-1], batch_size=4, progress=False)
+    np.testing.assert_allclose([p.prob for p in out], [p.prob for p in shuffled][::-1], atol=1e-5)

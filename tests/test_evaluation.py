@@ -86,3 +86,14 @@ def test_config_validation_and_toml(tmp_path):
     path.write_text('policy = "max-prob"\npolicy_params = { threshold = 0.8 }\nretriever = "recent"\n')
     config = RunConfig.from_toml(path)
     assert config.policy_params == {"threshold": 0.8} and config.label == "max-prob(threshold=0.8)"
+
+
+def test_hybrid_heads_run_end_to_end_and_replay(tmp_path):
+    config = RunConfig(**{**TINY, "head": "hybrid", "train_requests": 60, "valid_requests": 40, "eval_requests": 16})
+    exp = Experiment(config, registry=Registry(load_entry_points=False), progress=False, cache_dir=tmp_path)
+    exp.fit_heads()
+    store = Store.open(tmp_path / "runs.duckdb")
+    full = exp.run("never", store=store)
+    live = exp.run("max-prob", {"threshold": 0.6}, store=store)
+    replayed = store.replay(full.run_id, exp.make_policy("max-prob", {"threshold": 0.6})).predictions
+    assert replayed["exit_layer"].tolist() == store.predictions(live.run_id)["exit_layer"].tolist()

@@ -115,3 +115,19 @@ def test_verbalizer_matches_the_lm_answer(tiny):
     yes, no = tiny.answer_token_ids()
     expected = torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0]
     torch.testing.assert_close(prob, expected, atol=1e-5, rtol=0)
+
+
+def test_hybrid_head_uses_collaborative_features(tiny):
+    heads = build_heads("hybrid", tiny, layers=[3, 6], registry=Registry(load_entry_points=False), feature_size=2)
+    assert heads.needs_features
+    x_train, y_train = synthetic_features(400, 2, tiny.hidden_size, 0)
+    x_valid, y_valid = synthetic_features(200, 2, tiny.hidden_size, 1)
+    x_train[:, :, :4], x_valid[:, :, :4] = 0, 0  # no signal in the hidden state ...
+    rng = np.random.default_rng(0)
+    f_train = np.stack([y_train + rng.normal(0, 0.5, 400), rng.normal(0, 1, 400)], 1)  # ... only in the features
+    f_valid = np.stack([y_valid + rng.normal(0, 0.5, 200), rng.normal(0, 1, 200)], 1)
+    with pytest.raises(ValueError, match="pass train_extra and valid_extra"):
+        fit_heads(heads, x_train, y_train, x_valid, y_valid, tiny.num_layers)
+    config = TrainConfig(progress=False)
+    report = fit_heads(heads, x_train, y_train, x_valid, y_valid, tiny.num_layers, config, f_train, f_valid)
+    assert report.valid_auc[3] > 0.85 and report.valid_auc[6] > 0.85

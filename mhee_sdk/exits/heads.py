@@ -49,6 +49,7 @@ class LinearHead(nn.Module):
     """Logistic regression on the standardized hidden state."""
 
     trainable = True
+    needs_features = False
 
     def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
         super().__init__()
@@ -72,6 +73,38 @@ class MLPHead(LinearHead):
         self.linear = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
 
 
+class HybridHead(nn.Module):
+    """Logistic regression on the hidden state *and* collaborative features (``mhee_sdk.exits.features``).
+
+    The features carry what the retriever found as numbers (GCN score, like-rates, similar users'
+    ratings). Compare it with the ``collab-logistic`` baseline, the same features without the LLM, to
+    see what the hidden state adds.
+    """
+
+    trainable = True
+    needs_features = True
+
+    def __init__(self, hidden_size: int, layer: int, feature_size: int | None = None, **_: object) -> None:
+        super().__init__()
+        from mhee_sdk.exits.features import FEATURE_NAMES
+
+        self.layer = layer
+        feature_size = feature_size or len(FEATURE_NAMES)
+        self.standardize = Standardize(hidden_size)
+        self.feature_standardize = Standardize(feature_size)
+        self.linear = nn.Linear(hidden_size + feature_size, 1)
+
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-odds of "like" from ``hidden [B, H]`` and ``features [B, F]``."""
+        if features is None:
+            raise ValueError("the hybrid head needs collaborative features (the engine passes them)")
+        joined = torch.cat([self.standardize(hidden), self.feature_standardize(features)], dim=-1)
+        return self.linear(joined).squeeze(-1)
+
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden, features))
+
+
 class VerbalizerHead(nn.Module):
     """The LM's own answer: final norm + LM head, P("Yes") vs P("No"). Needs no training.
 
@@ -79,6 +112,7 @@ class VerbalizerHead(nn.Module):
     """
 
     trainable = False
+    needs_features = False
 
     def __init__(
         self, hidden_size: int, layer: int, backbone=None, words: Sequence[str] = ("Yes", "No"), **_: object
@@ -122,6 +156,21 @@ class ExitHeads(nn.Module):
         """True when any head has parameters to fit."""
         return any(getattr(h, "trainable", True) for h in self.heads.values())
 
+    @property
+    def needs_features(self) -> bool:
+        """True when any head reads collaborative features beside the hidden state."""
+        return any(getattr(h, "needs_features", False) for h in self.heads.values())
+
+    def predict(self, layer: int, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """P(like) of the head on `layer`, passing `features` to heads that read them."""
+        head = self.heads[str(layer)]
+        return head(hidden, features) if getattr(head, "needs_features", False) else head(hidden)
+
+    def logits(self, layer: int, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-odds of the head on `layer` (for training)."""
+        head = self.heads[str(layer)]
+        return head.logits(hidden, features) if getattr(head, "needs_features", False) else head.logits(hidden)
+
 
 def build_heads(kind: str, backbone, layers: Sequence[int] | None = None, registry=None, **params: object) -> ExitHeads:
     """Heads of registered `kind` on `layers` (default: every 3rd layer and the last)."""
@@ -146,3 +195,4 @@ def register_exit_heads(register) -> None:
     register("linear", LinearHead)
     register("mlp", MLPHead)
     register("verbalizer", VerbalizerHead)
+    register("hybrid", HybridHead)
