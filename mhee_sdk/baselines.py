@@ -129,7 +129,10 @@ class CollaborativeLogistic:
         if self.retriever is None:
             self.retriever = GCNRetriever(mode="users", progress=False).fit(train, log)
         rows = train.sample(n=min(self.train_requests, len(train)), random_state=self.seed)
-        requests = [Request(int(i), int(r.user), int(r.item), int(r.label), int(r.ts)) for i, r in rows.iterrows()]
+        requests = [
+            Request(int(i), int(u), int(it), int(y), int(t))
+            for i, u, it, y, t in zip(rows.index, rows["user"], rows["item"], rows["label"], rows["ts"], strict=True)
+        ]
         self.features = CollaborativeFeatures().fit(train, log, self.retriever)
         x = self.features.compute(requests, self.retriever.retrieve(requests, self.k))
         self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))

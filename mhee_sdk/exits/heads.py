@@ -73,26 +73,55 @@ class MLPHead(LinearHead):
         self.linear = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
 
 
+class LowRank(nn.Module):
+    """Standardize, then project on the top `rank` principal components of the training features.
+
+    Fitted once (no gradient), like :class:`Standardize`: with a few hundred training requests a
+    576-wide hidden state overfits, while its leading components keep most of what a head can use.
+    """
+
+    def __init__(self, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= hidden_size:
+            raise ValueError(f"rank={rank!r} must be in 1..{hidden_size}")
+        self.standardize = Standardize(hidden_size)
+        self.register_buffer("components", torch.eye(hidden_size)[:, :rank].clone())
+
+    def fit(self, features: torch.Tensor) -> None:
+        """Fit the standardization and the principal components on ``features [N, H]``."""
+        self.standardize.fit(features)
+        z = self.standardize(features)
+        z = z - z.mean(0)
+        _, _, v = torch.linalg.svd(z, full_matrices=False)  # rows of v: components, largest first
+        self.components.copy_(v[: self.components.shape[1]].T)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.standardize(hidden) @ self.components
+
+
 class HybridHead(nn.Module):
     """Logistic regression on the hidden state *and* collaborative features (``mhee_sdk.exits.features``).
 
     The features carry what the retriever found as numbers (GCN score, like-rates, similar users'
-    ratings). Compare it with the ``collab-logistic`` baseline, the same features without the LLM, to
-    see what the hidden state adds.
+    ratings). The hidden state enters through its top `rank` principal components (None: all of it).
+    Compare with the ``collab-logistic`` baseline, the same features without the LLM, to see what the
+    hidden state adds.
     """
 
     trainable = True
     needs_features = True
 
-    def __init__(self, hidden_size: int, layer: int, feature_size: int | None = None, **_: object) -> None:
+    def __init__(
+        self, hidden_size: int, layer: int, feature_size: int | None = None, rank: int | None = 8, **_: object
+    ) -> None:
         super().__init__()
         from mhee_sdk.exits.features import FEATURE_NAMES
 
         self.layer = layer
         feature_size = feature_size or len(FEATURE_NAMES)
-        self.standardize = Standardize(hidden_size)
+        self.standardize = LowRank(hidden_size, rank) if rank else Standardize(hidden_size)
         self.feature_standardize = Standardize(feature_size)
-        self.linear = nn.Linear(hidden_size + feature_size, 1)
+        self.linear = nn.Linear((rank or hidden_size) + feature_size, 1)
 
     def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Log-odds of "like" from ``hidden [B, H]`` and ``features [B, F]``."""
