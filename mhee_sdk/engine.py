@@ -43,11 +43,13 @@ class EarlyExitEngine:
         sort_by_length: bool = False,
         progress: bool = True,
         features: np.ndarray | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> list[Prediction]:
         """Predictions for every prompt, in input order.
 
         sort_by_length: batch prompts of similar length together (less padding); latencies then
         reflect that batching. features: ``[N, F]`` collaborative features, for heads that read them.
+        prefix: ``[N, S, H]`` soft-token embeddings placed before each prompt (see ``Backbone.start``).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -67,7 +69,8 @@ class EarlyExitEngine:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch_features = None if features is None else np.asarray(features)[chunk]
-                out = self.run_batch([texts[i] for i in chunk], [ids[i] for i in chunk], batch_features)
+                batch_prefix = None if prefix is None else prefix[chunk]
+                out = self.run_batch([texts[i] for i in chunk], [ids[i] for i in chunk], batch_features, batch_prefix)
                 for position, prediction in zip(chunk, out, strict=True):
                     results[position] = prediction
                 bar.update(len(chunk))
@@ -75,13 +78,17 @@ class EarlyExitEngine:
 
     @torch.inference_mode()
     def run_batch(
-        self, texts: Sequence[str], request_ids: Sequence[int], features: np.ndarray | None = None
+        self,
+        texts: Sequence[str],
+        request_ids: Sequence[int],
+        features: np.ndarray | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> list[Prediction]:
         """One batch through the loop; returns predictions in the batch's order."""
         started = time.perf_counter()
         layers = self.heads.layers
         last = layers[-1]
-        state = self.backbone.start(texts)
+        state = self.backbone.start(texts) if prefix is None else self.backbone.start(texts, prefix=prefix)
         if self.heads.needs_features:
             if features is None or len(features) != len(texts):
                 raise ValueError("these exit heads read collaborative features: pass features=[N, F] to the engine")

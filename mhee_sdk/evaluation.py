@@ -26,6 +26,7 @@ from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import build_heads
+from mhee_sdk.finetune import FinetuneConfig, FinetuneReport, finetune, mark_adapted, save_adapter
 from mhee_sdk.metrics import quality, summarize
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
@@ -72,7 +73,7 @@ class Experiment:
         )
         self.heads = build_heads(config.head, self.backbone, config.exit_layers, self.registry, **config.head_params)
         self.collaborative = None
-        if self.heads.needs_features:
+        if self.heads.needs_features or getattr(self.backbone, "soft_tokens", None) is not None:
             self.collaborative = CollaborativeFeatures().fit(
                 self.tables.split("train"), self.dataset.log, self.retriever
             )
@@ -97,6 +98,15 @@ class Experiment:
         """Collaborative features ``[N, F]`` when the heads read them, else None."""
         return None if self.collaborative is None else self.collaborative.compute(requests, retrieved)
 
+    def prefix(self, requests: Sequence[Request]) -> torch.Tensor | None:
+        """Collaborative soft-token embeddings ``[N, S, H]`` when the backbone has them, else None."""
+        soft = getattr(self.backbone, "soft_tokens", None)
+        if soft is None:
+            return None
+        with torch.no_grad():
+            vectors = torch.as_tensor(self.collaborative.embeddings(requests), device=self.backbone.device)
+            return soft(vectors)
+
     def requests_key(self, requests: Sequence[Request]) -> str:
         """Identifies runs that are comparable (same requests, prompts, model, heads); only the policy differs."""
         c = self.config
@@ -111,8 +121,9 @@ class Experiment:
         requests = self.dataset.requests(split, limit=limit, seed=self.config.seed)
         texts, retrieved = self.prompts(requests)
         hidden = collect_hidden(
-            self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress
-        )
+            self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress,
+            prefix=self.prefix(requests),
+        )  # fmt: skip
         return hidden, np.array([r.label for r in requests]), self.extra_features(requests, retrieved)
 
     def fit_heads(self, train_config: TrainConfig | None = None) -> TrainReport | None:
@@ -152,6 +163,33 @@ class Experiment:
             policy.calibrate(probs, labels, self.heads.layers)
         return policy
 
+    def finetune(self, name: str, settings: FinetuneConfig | None = None) -> FinetuneReport:
+        """Fine-tune (LoRA / soft tokens) on the train sample, save adapter `name`, re-fit the heads."""
+        settings = settings or FinetuneConfig(seed=self.config.seed, progress=self.progress)
+        if self.heads.trainable and self.train_report is None:
+            self.fit_heads()  # heads start from the frozen fit (and keep its standardization)
+        requests = self.dataset.requests("train", limit=self.config.train_requests, seed=self.config.seed)
+        texts, retrieved = self.prompts(requests)
+        collab = None
+        if settings.soft_tokens:
+            if self.collaborative is None:
+                self.collaborative = CollaborativeFeatures().fit(
+                    self.tables.split("train"), self.dataset.log, self.retriever
+                )
+            collab = self.collaborative.embeddings(requests)
+        labels = [r.label for r in requests]
+        report, soft = finetune(
+            self.backbone, self.heads, texts, labels, settings, self.extra_features(requests, retrieved), collab
+        )
+        meta = {"run_config": self.config.to_dict(), "train_requests": len(requests)}
+        save_adapter(name, self.backbone, settings, report, soft, meta)
+        if soft is not None:
+            self.backbone.soft_tokens = soft.eval()
+        mark_adapted(self.backbone, name)
+        self._valid = None
+        self.fit_heads()
+        return report
+
     # -------------------------------------------------------------- running
     def run(
         self,
@@ -171,15 +209,18 @@ class Experiment:
         requests = list(requests) if requests is not None else self.requests()
         texts, retrieved = self.prompts(requests)
         extra = self.extra_features(requests, retrieved)
+        prefix = self.prefix(requests)
         key = self.requests_key(requests)
         engine = EarlyExitEngine(self.backbone, self.heads, policy_obj)
         if store is None:
-            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, extra, None, None)
+            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, (extra, prefix), None, None)
             run_id = None
         else:
             with store.recording(config.to_dict(), self.heads.layers, self.backbone.num_layers,
                                  name=config.label, requests_key=key) as run_id:  # fmt: skip
-                predictions, seconds = self._run_batches(engine, requests, texts, retrieved, extra, store, run_id)
+                predictions, seconds = self._run_batches(
+                    engine, requests, texts, retrieved, (extra, prefix), store, run_id
+                )
                 metrics = self._metrics(requests, predictions, seconds, key, name_, store)
                 store.add_metrics(run_id, metrics)
                 store.add_timing(run_id, "engine", seconds, len(requests))
@@ -187,7 +228,8 @@ class Experiment:
             metrics = self._metrics(requests, predictions, seconds, key, name_, None)
         return RunResult(config.label, run_id, predictions, metrics, seconds)
 
-    def _run_batches(self, engine, requests, texts, retrieved, extra, store, run_id) -> tuple[list[Prediction], float]:
+    def _run_batches(self, engine, requests, texts, retrieved, inputs, store, run_id) -> tuple[list[Prediction], float]:
+        extra, prefix = inputs
         predictions: list[Prediction] = []
         seconds = 0.0
         size = self.config.batch_size
@@ -198,7 +240,9 @@ class Experiment:
                 batch = requests[start : start + size]
                 started = time.perf_counter()
                 batch_extra = None if extra is None else extra[start : start + size]
-                out = engine.run_batch(texts[start : start + size], [r.request_id for r in batch], batch_extra)
+                batch_prefix = None if prefix is None else prefix[start : start + size]
+                ids = [r.request_id for r in batch]
+                out = engine.run_batch(texts[start : start + size], ids, batch_extra, batch_prefix)
                 seconds += time.perf_counter() - started
                 predictions += out
                 if store is not None:

@@ -30,12 +30,14 @@ from mhee_sdk import assets
 from mhee_sdk.exits.heads import ExitHeads
 
 
-def cache_key(fingerprint: str, layers: Sequence[int], texts: Sequence[str]) -> str:
-    """Hash identifying a set of hidden states: backbone weights, exit layers and exact prompts."""
+def cache_key(fingerprint: str, layers: Sequence[int], texts: Sequence[str], prefix: torch.Tensor | None = None) -> str:
+    """Hash identifying a set of hidden states: backbone weights, exit layers, exact prompts (and soft tokens)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([fingerprint, list(map(int, layers))]).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode()).digest())
+    if prefix is not None:
+        digest.update(prefix.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
@@ -46,11 +48,12 @@ def collect_hidden(
     batch_size: int = 16,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    prefix: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Pooled hidden states ``[N, len(layers), H]`` (float16), from the disk cache when present.
 
     Runs only up to the deepest requested layer. Rows are written batch by batch to a ``.partial``
-    file, so an interrupted call resumes where it stopped.
+    file, so an interrupted call resumes where it stopped. prefix: ``[N, S, H]`` soft tokens, if any.
     """
     layers = sorted(set(int(x) for x in layers))
     if not texts:
@@ -59,7 +62,7 @@ def collect_hidden(
         raise ValueError(f"layers {layers} must lie in 1..{backbone.num_layers}")
     folder = Path(cache_dir) if cache_dir is not None else assets.home() / "hidden"
     folder.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone.fingerprint, layers, texts)
+    key = cache_key(backbone.fingerprint, layers, texts, prefix)
     final, partial, progress_file = (folder / f"{key}{ext}" for ext in (".npy", ".partial.npy", ".partial.json"))
     if final.is_file():
         return np.load(final, mmap_mode="r")
@@ -77,7 +80,10 @@ def collect_hidden(
     ):
         for start in range(done, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            state = backbone.start(chunk)
+            if prefix is None:
+                state = backbone.start(chunk)
+            else:
+                state = backbone.start(chunk, prefix=prefix[start : start + len(chunk)])
             column = 0
             for layer in range(1, layers[-1] + 1):
                 state = backbone.step(state)

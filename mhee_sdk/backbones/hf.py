@@ -118,8 +118,13 @@ class HFBackbone:
         return [self.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
 
     # -------------------------------------------------------------- layers
-    def start(self, texts: Sequence[str]) -> LayerState:
-        """Tokenize (left padding) and embed: the state before decoder layer 1."""
+    def start(self, texts: Sequence[str], prefix: torch.Tensor | None = None) -> LayerState:
+        """Tokenize (left padding) and embed: the state before decoder layer 1.
+
+        prefix: optional ``[B, S, H]`` input embeddings placed before each prompt (collaborative soft
+        tokens). Padding then sits between prefix and prompt; it is masked, and positions count real
+        tokens only, so each row is computed as if it had no padding.
+        """
         if not texts:
             raise ValueError("start() needs at least one prompt")
         batch = self.tokenizer(
@@ -127,8 +132,13 @@ class HFBackbone:
         )
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, 2, ...
         hidden = self.base.embed_tokens(ids)  # [B, T, H]
+        if prefix is not None:
+            if prefix.shape[0] != len(texts) or prefix.shape[2] != self.hidden_size:
+                raise ValueError(f"prefix must be [{len(texts)}, S, {self.hidden_size}], got {tuple(prefix.shape)}")
+            hidden = torch.cat([prefix.to(device=self.device, dtype=hidden.dtype), hidden], dim=1)
+            mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, 2, ...
         cos, sin = self.base.rotary_emb(hidden, positions)
         return LayerState(
             hidden=hidden,
@@ -194,7 +204,15 @@ def hf_model(spec: str, device: str | None = None, **kwargs) -> HFBackbone:
     return HFBackbone.from_pretrained(spec, name=f"hf:{spec}", device=device, **kwargs)
 
 
+def smollm2_135m_lora(spec: str, device: str | None = None, **kwargs) -> HFBackbone:
+    """SmolLM2-135M with a fine-tuned adapter from ``$MHEE_HOME/adapters/<spec>`` (see mhee_sdk.finetune)."""
+    from mhee_sdk.finetune import load_adapter
+
+    return load_adapter(smollm2_135m(device=device, **kwargs), spec)
+
+
 @hookimpl
 def register_backbones(register) -> None:
     register("smollm2-135m", smollm2_135m)
+    register("smollm2-135m+lora:", smollm2_135m_lora)
     register("hf:", hf_model)

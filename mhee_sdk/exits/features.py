@@ -71,6 +71,22 @@ class CollaborativeFeatures:
         liked = liked[liked < len(embeddings)]
         return float(embeddings[liked].mean(axis=0) @ embeddings[item]) if len(liked) else 0.0
 
+    def embeddings(self, requests: Sequence[Request]) -> np.ndarray:
+        """``[N, 2 * dim]`` GCN vectors per request: the user's fold-in (mean embedding of items liked
+        strictly before the request) and the candidate item's embedding; input of collaborative soft tokens."""
+        table = getattr(self.retriever, "item_embeddings", None)
+        if table is None:
+            raise ValueError("collaborative soft tokens need a retriever with item_embeddings (use retriever 'gcn')")
+        out = np.zeros((len(requests), 2 * table.shape[1]), dtype=np.float32)
+        for row, request in enumerate(requests):
+            history = self.log.before(request.user, request.ts)
+            liked = history.item[(history.rating >= self.like_threshold) & (history.item < len(table))]
+            if len(liked):
+                out[row, : table.shape[1]] = table[liked].mean(axis=0)
+            if request.item < len(table):
+                out[row, table.shape[1] :] = table[request.item]
+        return out
+
     def _rate(self, ratings: np.ndarray) -> float:
         likes = float((ratings >= self.like_threshold).sum())
         return (likes + self.smoothing * self.prior) / (len(ratings) + self.smoothing)

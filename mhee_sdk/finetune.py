@@ -1,0 +1,245 @@
+"""Fine-tune the backbone for the exit heads: LoRA adapters and/or collaborative soft tokens.
+
+The loss is the exit heads' joint loss (weighted per-layer BCE) with depth-aware learning rates:
+LoRA weights in decoder layer i and the head on exit layer i both train faster the shallower i is.
+Collaborative soft tokens (as in CoLLM) map the GCN user fold-in and item embeddings through a small
+MLP into `count` extra input embeddings placed before the prompt.
+
+The result is saved under ``$MHEE_HOME/adapters/<name>/`` and loaded by name as the backbone
+``smollm2-135m+lora:<name>``. Heads are then re-fitted on the adapted model's cached hidden states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mhee_sdk import assets
+from mhee_sdk.exits.heads import ExitHeads
+from mhee_sdk.train import depth_lr
+
+
+class SoftTokens(nn.Module):
+    """``[B, source_dim]`` collaborative vectors -> ``[B, count, hidden_size]`` input embeddings."""
+
+    def __init__(self, source_dim: int, hidden_size: int, count: int = 2, width: int = 256) -> None:
+        super().__init__()
+        self.count, self.hidden_size, self.source_dim = count, hidden_size, source_dim
+        self.net = nn.Sequential(nn.Linear(source_dim, width), nn.GELU(), nn.Linear(width, count * hidden_size))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.net(vectors.float()).view(len(vectors), self.count, self.hidden_size)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning settings; the defaults finish in under an hour on 2 CPU cores (see bench/RESULTS.md)."""
+
+    lora: bool = True
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    soft_tokens: int = 0  # number of collaborative soft tokens; 0 = off
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 5e-4  # LoRA and soft tokens, at the shallowest layer
+    head_lr: float = 2e-3
+    depth_boost: float = 1.0
+    max_minutes: float | None = 55.0  # stop (and save) when the budget is spent
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FinetuneReport:
+    """Loss per step, steps and minutes run."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    minutes: float = 0.0
+    stopped_by_budget: bool = False
+
+
+def add_lora(backbone, config: FinetuneConfig) -> list[nn.Parameter]:
+    """Inject LoRA adapters into the backbone's model in place; freeze everything else."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules))
+    inject_adapter_in_model(lora, backbone.model)
+    trainable = []
+    for name, parameter in backbone.model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            trainable.append(parameter)
+    if not trainable:
+        raise ValueError(f"no module matched target_modules={config.target_modules}")
+    return trainable
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) + 1
+
+
+def finetune(
+    backbone,
+    heads: ExitHeads,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    config: FinetuneConfig | None = None,
+    features: np.ndarray | None = None,
+    collab: np.ndarray | None = None,
+) -> tuple[FinetuneReport, SoftTokens | None]:
+    """Train LoRA (if ``config.lora``), soft tokens (if ``config.soft_tokens``) and the heads jointly.
+
+    features: ``[N, F]`` for hybrid heads; collab: ``[N, D]`` collaborative vectors for soft tokens.
+    Heads should be fitted on frozen features first (their standardization is kept).
+    """
+    config = config or FinetuneConfig()
+    if config.soft_tokens and collab is None:
+        raise ValueError("soft tokens need collab vectors [N, D] (CollaborativeFeatures.embeddings)")
+    torch.manual_seed(config.seed)
+    num_layers = backbone.num_layers
+    groups = []
+    if config.lora:
+        if not any("lora_" in name for name, _ in backbone.model.named_parameters()):
+            add_lora(backbone, config)
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for name, parameter in backbone.model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+            if "lora_" in name:
+                by_layer.setdefault(_layer_of(name), []).append(parameter)
+        lora_rate = depth_lr(config.lr, config.depth_boost)
+        groups += [{"params": ps, "lr": lora_rate(layer, num_layers)} for layer, ps in by_layer.items()]
+    else:
+        backbone.model.requires_grad_(False)
+    soft = None
+    if config.soft_tokens:
+        soft = SoftTokens(collab.shape[1], backbone.hidden_size, config.soft_tokens).to(backbone.device)
+        groups.append({"params": list(soft.parameters()), "lr": config.lr})
+    head_rate = depth_lr(config.head_lr, config.depth_boost)
+    for layer in heads.layers:
+        if getattr(heads[layer], "trainable", True):
+            groups.append({"params": list(heads[layer].parameters()), "lr": head_rate(layer, num_layers)})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    loss_fn = nn.BCEWithLogitsLoss()
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float32), device=backbone.device)
+    f = None if features is None else torch.as_tensor(np.asarray(features, np.float32), device=backbone.device)
+    c = None if collab is None else torch.as_tensor(np.asarray(collab, np.float32), device=backbone.device)
+    rng = np.random.default_rng(config.seed)
+    report, started = FinetuneReport(), time.perf_counter()
+    total = config.epochs * ((len(texts) + config.batch_size - 1) // config.batch_size)
+    backbone.model.train()
+    heads.train()
+    with tqdm(total=total, desc="fine-tuning", disable=not config.progress, leave=False) as bar:
+        for _ in range(config.epochs):
+            order = rng.permutation(len(texts))
+            for start in range(0, len(order), config.batch_size):
+                rows = order[start : start + config.batch_size]
+                prefix = None if soft is None else soft(c[rows])
+                state = backbone.start([texts[i] for i in rows], prefix=prefix)
+                loss = torch.zeros((), device=backbone.device)
+                extra = None if f is None else f[rows]
+                for layer in range(1, heads.layers[-1] + 1):
+                    state = backbone.step(state)
+                    if layer in heads:
+                        logits = heads.logits(layer, backbone.pooled(state), extra)
+                        loss = loss + loss_fn(logits, y[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                report.losses.append(float(loss.detach()) / len(heads.layers))
+                report.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
+                report.minutes = (time.perf_counter() - started) / 60
+                if config.max_minutes is not None and report.minutes >= config.max_minutes:
+                    report.stopped_by_budget = True
+                    break
+            if report.stopped_by_budget:
+                break
+    backbone.model.eval()
+    heads.eval()
+    return report, soft
+
+
+def adapter_dir(name: str) -> Path:
+    """Where adapter `name` lives: ``$MHEE_HOME/adapters/<name>``."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"adapter name {name!r} must be a plain folder name")
+    return assets.home() / "adapters" / name
+
+
+def save_adapter(name: str, backbone, config: FinetuneConfig, report: FinetuneReport, soft=None, meta=None) -> Path:
+    """Save LoRA weights (and soft tokens) with their settings; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = adapter_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items() if "lora_" in k}
+    save_file(lora, folder / "lora.safetensors")
+    if soft is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in soft.state_dict().items()}, folder / "soft.safetensors")
+    record = {
+        "base": backbone.fingerprint,
+        "config": asdict(config),
+        "soft_tokens": None if soft is None else {"source_dim": soft.source_dim, "count": soft.count},
+        "steps": report.steps,
+        "minutes": report.minutes,
+        "first_loss": report.losses[0] if report.losses else None,
+        "last_loss": float(np.mean(report.losses[-20:])) if report.losses else None,
+        **(meta or {}),
+    }
+    (folder / "adapter.json").write_text(json.dumps(record, indent=2))
+    return folder
+
+
+def load_adapter(backbone, name: str):
+    """Apply saved adapter `name` to `backbone` in place (LoRA weights, soft tokens); returns the backbone."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import load_file
+
+    folder = adapter_dir(name)
+    if not (folder / "adapter.json").is_file():
+        available = sorted(p.name for p in folder.parent.glob("*") if (p / "adapter.json").is_file())
+        raise FileNotFoundError(
+            f"adapter {name!r} not found in {folder.parent}; available: {', '.join(available) or 'none'} "
+            "(create one with `mhee finetune`)"
+        )
+    record = json.loads((folder / "adapter.json").read_text())
+    settings = record["config"]
+    if settings["lora"]:
+        lora = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=settings["target_modules"])
+        inject_adapter_in_model(lora, backbone.model)
+        weights = load_file(folder / "lora.safetensors")
+        missing = backbone.model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"adapter {name!r} does not fit this model: unexpected {missing.unexpected_keys[:3]}")
+    backbone.model.eval()
+    if record["soft_tokens"]:
+        spec = record["soft_tokens"]
+        soft = SoftTokens(spec["source_dim"], backbone.hidden_size, spec["count"])
+        soft.load_state_dict(load_file(folder / "soft.safetensors"))
+        backbone.soft_tokens = soft.to(backbone.device).eval()
+    mark_adapted(backbone, name)
+    backbone.adapter = record
+    return backbone
+
+
+def mark_adapted(backbone, name: str) -> None:
+    """Give an adapted backbone its own name and fingerprint (hidden-state caches must not mix)."""
+    folder = adapter_dir(name)
+    digest = hashlib.sha256((folder / "lora.safetensors").read_bytes())
+    if (folder / "soft.safetensors").is_file():
+        digest.update((folder / "soft.safetensors").read_bytes())
+    backbone.fingerprint = f"{backbone.fingerprint}+lora:{name}:{digest.hexdigest()[:12]}"
+    backbone.name = f"{backbone.name}+lora:{name}"
