@@ -1,4 +1,4 @@
-"""The `mhee` command: plugins, assets, demo, eval, report."""
+"""The `mhee` command: plugins, assets, demo, eval, report, finetune."""
 
 from __future__ import annotations
 
@@ -73,6 +73,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mhee_sdk.demo import DEMO_CONFIG
+    from mhee_sdk.evaluation import Experiment
+    from mhee_sdk.finetune import FinetuneConfig
+
+    config = DEMO_CONFIG.replace(train_requests=args.train_requests, head=args.head)
+    settings = FinetuneConfig(
+        lora=not args.no_lora, soft_tokens=args.soft_tokens, epochs=args.epochs, max_minutes=args.minutes
+    )
+    report = Experiment(config).finetune(args.name, settings)
+    print(
+        f"adapter {args.name!r}: {report.steps} steps in {report.minutes:.1f} min "
+        f"(loss {report.losses[0]:.4f} -> {sum(report.losses[-20:]) / len(report.losses[-20:]):.4f}); "
+        f"use backbone 'smollm2-135m+lora:{args.name}'"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mhee_sdk.report import format_runs, runs_table, write_plots
     from mhee_sdk.store import Store
@@ -113,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to a TOML run config (see docs/cli.md)")
     run.add_argument("--store", default="mhee_runs.duckdb", help="DuckDB store file")
     run.set_defaults(func=cmd_eval)
+
+    tune = sub.add_parser("finetune", help="LoRA / soft-token fine-tuning with the exit-head loss (CPU: < 1 h)")
+    tune.add_argument("--name", default="demo", help="adapter name (the demo uses 'demo' when it exists)")
+    tune.add_argument("--train-requests", type=int, default=1500, help="training requests (one pass each epoch)")
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--minutes", type=float, default=55.0, help="time budget; stops and saves when spent")
+    tune.add_argument("--soft-tokens", type=int, default=0, help="collaborative soft tokens (CoLLM); 0 = off")
+    tune.add_argument("--no-lora", action="store_true", help="train soft tokens and heads only")
+    tune.add_argument("--head", default="hybrid", help="exit head kind trained jointly")
+    tune.set_defaults(func=cmd_finetune)
 
     report = sub.add_parser("report", help="print the table of runs in a store and write plots")
     report.add_argument("run_ids", nargs="*", help="runs to show (default: all finished runs)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mhee_sdk.config import RunConfig
 from mhee_sdk.evaluation import Experiment
+from mhee_sdk.finetune import adapter_dir
 from mhee_sdk.report import format_runs, runs_table, write_plots
 from mhee_sdk.store import Store
 
@@ -37,7 +38,8 @@ DEMO_POLICIES = [
     ("multi-head", {"ratio": 2.0, "window": 2}),
     ("calibrated", {"budget": 0.005}),
 ]
-DEMO_BASELINES = ["popularity", "gcn-score", "logistic"]
+DEMO_BASELINES = ["popularity", "gcn-score", "logistic", "collab-logistic"]
+DEMO_ADAPTER = "demo"
 
 
 def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backbone: str | None = None) -> Path:
@@ -45,6 +47,11 @@ def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backb
     config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests)
     if backbone:
         config = config.replace(backbone=backbone)
+    elif (adapter_dir(DEMO_ADAPTER) / "adapter.json").is_file():
+        config = config.replace(backbone=f"smollm2-135m+lora:{DEMO_ADAPTER}")
+        print(f"using the fine-tuned adapter {adapter_dir(DEMO_ADAPTER)} (made by `mhee finetune`)")
+    else:
+        print(f"no fine-tuned adapter {DEMO_ADAPTER!r} found: using frozen SmolLM2-135M (`mhee finetune` makes one)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -71,7 +71,9 @@ class Experiment:
             max_tokens=config.prompt_tokens,
             count_tokens=self.backbone.count_tokens,
         )
-        self.heads = build_heads(config.head, self.backbone, config.exit_layers, self.registry, **config.head_params)
+        self.heads = build_heads(
+            config.head, self.backbone, config.exit_layers, self.registry, seed=config.seed, **config.head_params
+        )
         self.collaborative = None
         if self.heads.needs_features or getattr(self.backbone, "soft_tokens", None) is not None:
             self.collaborative = CollaborativeFeatures().fit(

@@ -230,15 +230,18 @@ class Store:
         """One row per run with its headline metrics as columns, newest last."""
         where = "" if include_failed else "WHERE r.status = 'finished'"
         frame = self.query(
-            f"""SELECT r.run_id, r.name, r.kind, r.status, r.created, r.requests_key, r.num_layers,
+            f"""SELECT r.run_id, r.name, r.kind, r.status, r.created, r.requests_key, r.num_layers, r.parent_run,
                        m.name AS metric, m.value
                 FROM runs r LEFT JOIN metrics m USING (run_id) {where} ORDER BY r.created"""
         )
-        index = ["run_id", "name", "kind", "status", "created", "requests_key", "num_layers"]
+        index = ["run_id", "name", "kind", "status", "created", "requests_key", "num_layers", "parent_run"]
         if frame.empty:
             return pd.DataFrame(columns=index)
-        wide = frame.pivot_table(index=index, columns="metric", values="value", aggfunc="first", dropna=False)
-        return wide.reset_index().sort_values("created").reset_index(drop=True).rename_axis(columns=None)
+        # pivot on run_id alone: pivot_table over several index columns would give their cross product
+        runs = frame[index].drop_duplicates("run_id").set_index("run_id")
+        metrics = frame.dropna(subset=["metric"]).pivot(index="run_id", columns="metric", values="value")
+        wide = runs.join(metrics).reset_index()
+        return wide.sort_values("created").reset_index(drop=True).rename_axis(columns=None)
 
     def run(self, run_id: str) -> dict[str, Any]:
         """A run's record with its config, versions and exit layers parsed."""

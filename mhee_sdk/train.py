@@ -188,6 +188,7 @@ def fit_heads(
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # dropout in mlp heads draws from the global stream
     best = {layer: (float("inf"), -1, None) for _, layer in trainable}
     stale = 0
     for epoch in tqdm(range(config.epochs), desc="training heads", disable=not config.progress, leave=False):

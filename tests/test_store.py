@@ -112,3 +112,10 @@ def test_rank_auc_equals_sklearn_with_ties():
     scores = np.round(rng.uniform(0, 1, 300), 1)  # many ties
     assert rank_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert np.isnan(rank_auc(np.ones(5), scores[:5]))
+
+
+def test_runs_table_has_one_row_per_run(tmp_path):
+    store = Store.open(tmp_path / "runs.duckdb")
+    ids = [fake_full_depth_run(store, 20, [3, 6], seed=s) for s in range(4)]
+    runs = store.runs()
+    assert runs["run_id"].tolist() == ids and runs["auc"].notna().all()

@@ -201,8 +201,10 @@ class ExitHeads(nn.Module):
         return head.logits(hidden, features) if getattr(head, "needs_features", False) else head.logits(hidden)
 
 
-def build_heads(kind: str, backbone, layers: Sequence[int] | None = None, registry=None, **params: object) -> ExitHeads:
-    """Heads of registered `kind` on `layers` (default: every 3rd layer and the last)."""
+def build_heads(
+    kind: str, backbone, layers: Sequence[int] | None = None, registry=None, seed: int = 0, **params: object
+) -> ExitHeads:
+    """Heads of registered `kind` on `layers` (default: every 3rd layer and the last), initialised from `seed`."""
     from mhee_sdk.registry import get_registry
 
     registry = registry or get_registry()
@@ -210,12 +212,14 @@ def build_heads(kind: str, backbone, layers: Sequence[int] | None = None, regist
     bad = [layer for layer in layers if not 1 <= int(layer) <= backbone.num_layers]
     if bad:
         raise ValueError(f"exit layers {bad} are outside 1..{backbone.num_layers} for backbone {backbone.name!r}")
-    heads = [
-        registry.create(
-            "exit_head", kind, hidden_size=backbone.hidden_size, layer=int(layer), backbone=backbone, **params
-        )
-        for layer in sorted(set(int(x) for x in layers))
-    ]
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's random stream is untouched
+        torch.manual_seed(seed)
+        heads = [
+            registry.create(
+                "exit_head", kind, hidden_size=backbone.hidden_size, layer=int(layer), backbone=backbone, **params
+            )
+            for layer in sorted(set(int(x) for x in layers))
+        ]
     return ExitHeads(heads, kind=kind).to(backbone.device)
 
 

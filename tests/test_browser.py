@@ -1,0 +1,120 @@
+"""The PolicyTuner served by Voila and driven in headless Chromium: it renders and a slider move updates it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+NOTEBOOK = Path(__file__).parent / "notebooks" / "policy_tuner.ipynb"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "voila_policy_tuner.png"
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("MHEE_REQUIRE_BROWSER"),
+    reason="needs /usr/bin/chromium (apt-get install -y chromium); CI sets MHEE_REQUIRE_BROWSER=1 to fail instead",
+)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, server: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"voila exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"voila did not listen on 127.0.0.1:{port} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def voila_url(tmp_path):
+    """Voila serving the notebook on 127.0.0.1 with a kernel from this interpreter and no user Jupyter config."""
+    kernel = tmp_path / "jupyter-path" / "kernels" / "python3"  # JUPYTER_PATH is searched first: this python3 wins
+    kernel.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (kernel / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "mhee", "language": "python"}))
+    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "jupyter-path"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "IPYTHONDIR": str(tmp_path / "ipython"),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    port = _free_port()
+    log = tmp_path / "voila.log"
+    command = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}",
+               "--Voila.ip=127.0.0.1", "--VoilaConfiguration.show_tracebacks=True"]  # fmt: skip
+    with log.open("w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        _wait_for_port(port, server, log)
+        yield f"http://127.0.0.1:{port}/", log
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_policy_tuner_in_voila_follows_a_slider(voila_url):
+    if not CHROMIUM.exists():
+        pytest.fail("MHEE_REQUIRE_BROWSER is set but /usr/bin/chromium is missing: apt-get install -y chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, log = voila_url
+    blocked: list[str] = []
+
+    def local_only(route) -> None:  # the page must work offline: anything off this machine is refused
+        if urlparse(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.route("**/*", local_only)
+            page.goto(url, timeout=60_000)
+            auc = page.locator(".mhee-metric-auc")
+            mean_exit = page.locator(".mhee-metric-mean_exit_layer")
+            expect(auc).to_contain_text(re.compile(r"AUC \d\.\d{4}"), timeout=60_000)
+            before = (auc.inner_text(), mean_exit.inner_text())
+            assert re.fullmatch(r"mean exit layer \d\.\d\d", before[1])
+            pareto = page.locator(".mhee-policy-tuner .widget-output img")
+            plotted = pareto.get_attribute("src")
+            handle = page.locator(".mhee-knob-threshold .noUi-handle")
+            start = handle.bounding_box()
+            track = page.locator(".mhee-knob-threshold .noUi-target").bounding_box()
+            page.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)
+            page.mouse.down()  # drag the threshold to its left end, 0.50: every request exits at the first layer
+            page.mouse.move(track["x"] - 20, start["y"] + start["height"] / 2, steps=8)
+            page.mouse.up()
+            expect(page.locator(".mhee-knob-threshold .widget-readout")).to_have_text("0.50")
+            expect(mean_exit).to_have_text("mean exit layer 1.00", timeout=15_000)
+            after = (auc.inner_text(), mean_exit.inner_text())
+            assert after != before
+            expect(pareto).not_to_have_attribute("src", plotted, timeout=15_000)  # redrawn at the new point
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        except Exception:
+            print(f"voila log:\n{log.read_text()[-5000:]}\nrefused off-machine requests: {blocked}")
+            raise
+        finally:
+            browser.close()
