@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mhee-installed
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: setup assets test test-fast test-slow lint demo bench clean
+.PHONY: setup assets test test-fast test-slow lint docs demo bench clean
 
 setup: $(STAMP) assets
 
 $(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,notebook,lora]' \
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,notebook,lora,docs]' \
 		$(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $(STAMP)
 
@@ -23,13 +23,16 @@ assets: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d build/site
+
 test-fast: setup
 	$(PY) -m pytest
 
 test-slow: setup
 	$(PY) -m pytest -m slow
 
-test: lint test-fast test-slow
+test: lint docs test-fast test-slow
 
 demo: setup
 	$(VENV)/bin/mhee demo

@@ -1,4 +1,4 @@
-"""Conformance checks for plugin authors: does my retriever / exit head / exit policy keep the contract?
+"""Conformance checks for plugin authors: does my retriever / exit head / exit policy / baseline keep the contract?
 
 Call them from your plugin's tests; each raises ``ContractError`` with a message that says what to fix::
 
@@ -9,7 +9,8 @@ Call them from your plugin's tests; each raises ``ContractError`` with a message
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,3 +109,184 @@ def check_exit_policy(policy, num_layers: int = 10, rows: int = 64, seed: int = 
                 "a row's decision depends on the other rows in the batch (alone it decides differently)",
                 "decide each row from its own probs only",
             )
+
+
+def _head_input(head: Any, hidden_size: int, rows: int, seed: int) -> Any:
+    """Random pooled hidden states ``[rows, hidden_size]`` on the head's device, with a few large dimensions."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=generator)
+    hidden[:, : max(1, hidden_size // 32)] *= 20.0  # mid-layer states carry a few "massive activation" dims
+    tensors = [*head.parameters(), *head.buffers()]
+    return hidden.to(tensors[0].device) if tensors else hidden
+
+
+def check_exit_head(
+    head_factory: Callable[..., Any],
+    hidden_size: int = 64,
+    layer: int = 3,
+    backbone: Any = None,
+    rows: int = 16,
+    feature_size: int | None = None,
+    seed: int = 0,
+    **params: Any,
+) -> None:
+    """Build a head as the SDK does and check its contract.
+
+    The factory is called as ``head_factory(hidden_size=..., layer=..., backbone=..., **params)``; the head
+    must be a ``torch.nn.Module`` with ``layer`` and ``trainable`` attributes, map ``[B, H]`` to P(like)
+    ``[B]`` in [0, 1], decide each row on its own, be deterministic in eval mode, and (when it has
+    ``logits``, which trainable heads need) satisfy ``forward == sigmoid(logits)``. Heads with
+    ``needs_features = True`` also get collaborative features ``[B, feature_size]`` (default: the
+    ``hybrid`` head's feature count).
+    """
+    import torch
+    from torch import nn
+
+    what = f"exit head {getattr(head_factory, '__name__', type(head_factory).__name__)!r}"
+    try:
+        head = head_factory(hidden_size=hidden_size, layer=layer, backbone=backbone, **params)
+    except TypeError as err:
+        raise _fail(
+            what,
+            f"factory(hidden_size=, layer=, backbone=) raised TypeError: {err}",
+            "accept the keyword arguments hidden_size, layer and backbone (add **_ to ignore the ones you do not use)",
+        ) from err
+    what = f"exit head {type(head).__name__!r}"
+    if not isinstance(head, nn.Module):
+        raise _fail(what, f"is a {type(head).__name__}, not a torch.nn.Module", "subclass torch.nn.Module")
+    if getattr(head, "layer", None) != layer:
+        raise _fail(
+            what,
+            f"has layer={getattr(head, 'layer', '<missing>')!r}, expected {layer} (the factory's argument)",
+            "store the layer it reads: self.layer = layer",
+        )
+    if not isinstance(getattr(head, "trainable", None), bool):
+        raise _fail(
+            what,
+            f"has trainable={getattr(head, 'trainable', '<missing>')!r}, not a bool",
+            "set a class attribute trainable = True (False for heads that need no fitting, like the verbalizer)",
+        )
+    if head.trainable and not any(p.requires_grad for p in head.parameters()):
+        raise _fail(
+            what,
+            "says trainable = True but has no parameters that require grad",
+            "give it nn.Parameters (e.g. an nn.Linear), or set trainable = False",
+        )
+    if head.trainable and not callable(getattr(head, "logits", None)):
+        raise _fail(
+            what,
+            "is trainable but has no logits() method (training fits log-odds with BCEWithLogitsLoss)",
+            "add logits(hidden) -> log-odds [B] and make forward return torch.sigmoid(self.logits(hidden))",
+        )
+
+    needs_features = bool(getattr(head, "needs_features", False))
+    hidden = _head_input(head, hidden_size, rows, seed)
+    features = None
+    if needs_features:
+        if feature_size is None:
+            from mhee_sdk.exits.features import FEATURE_NAMES
+
+            feature_size = len(FEATURE_NAMES)
+        generator = torch.Generator().manual_seed(seed + 1)
+        features = torch.randn(rows, feature_size, generator=generator).to(hidden.device)
+
+    def call(method: Callable[..., Any], picked: torch.Tensor) -> Any:
+        extra = () if features is None else (features[picked],)
+        with torch.no_grad():
+            return method(hidden[picked], *extra)
+
+    head.eval()
+    everyone = torch.arange(rows, device=hidden.device)
+    out = call(head, everyone)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows,):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _fail(
+            what,
+            f"returned {shape} for a batch of {rows} rows, expected shape ({rows},)",
+            "return a 1-D tensor with one P(like) per row (e.g. .squeeze(-1))",
+        )
+    values = out.float()
+    if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise _fail(
+            what,
+            f"returned values outside [0, 1] (min {values.min().item():.4g}, max {values.max().item():.4g})",
+            "return probabilities: torch.sigmoid of the log-odds",
+        )
+    if not torch.equal(out, call(head, everyone)):
+        raise _fail(
+            what,
+            "two calls in eval mode gave different outputs",
+            "use no randomness outside training (dropout is fine: eval() turns it off)",
+        )
+    subset = torch.as_tensor(np.random.default_rng(seed).permutation(rows)[: rows // 2], device=hidden.device)
+    for picked, how in ((subset, "in a smaller batch"), (subset[:1], "alone")):
+        if not torch.allclose(out[picked].float(), call(head, picked).float(), atol=1e-5, rtol=1e-4):
+            raise _fail(
+                what,
+                f"a row's output changes when it is scored {how} (it depends on the other rows in the batch)",
+                "compute each row from its own hidden state only (no batch statistics; the engine drops "
+                "finished rows between layers)",
+            )
+    if callable(getattr(head, "logits", None)):
+        logits = call(head.logits, everyone)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows,):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise _fail(what, f"logits() returned {shape}, expected ({rows},)", "return one log-odds value per row")
+        if not torch.allclose(torch.sigmoid(logits.float()), values, atol=1e-5, rtol=1e-4):
+            raise _fail(
+                what,
+                "forward() is not sigmoid(logits()): training fits logits, the engine reads forward",
+                "make forward return torch.sigmoid(self.logits(hidden))",
+            )
+
+
+def check_baseline(baseline: Any, dataset: Any, requests: Sequence[Request] | None = None) -> None:
+    """Fit on `dataset`'s train split, then check that `score` gives one finite, deterministic float per request.
+
+    A request's score must not depend on the other requests scored with it.
+    """
+    what = f"baseline {getattr(baseline, 'name', type(baseline).__name__)!r}"
+    tables = dataset.load()
+    fitted = baseline.fit(tables.split("train"), dataset.log)
+    if fitted is not baseline:
+        raise _fail(what, "fit() did not return self", "end fit() with `return self`")
+    requests = (
+        list(requests)
+        if requests is not None
+        else [
+            *dataset.requests("valid", limit=20, seed=1),
+            *dataset.requests("test", limit=40, seed=1),
+        ]
+    )
+    raw = baseline.score(requests)
+    try:
+        scores = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _fail(
+            what, f"score() returned {type(raw).__name__} that is not numeric ({err})", "return a numpy float array"
+        ) from err
+    if scores.shape != (len(requests),):
+        raise _fail(
+            what,
+            f"score() returned shape {scores.shape} for {len(requests)} requests",
+            "return a numpy array with one float per request, in request order",
+        )
+    bad = [r.request_id for r, s in zip(requests, scores, strict=True) if not np.isfinite(s)]
+    if bad:
+        raise _fail(
+            what,
+            f"score() returned NaN or inf for requests {bad[:5]}",
+            "give users and items it has not seen a finite fallback score (e.g. the training like-rate)",
+        )
+    if not np.array_equal(scores, np.asarray(baseline.score(requests), dtype=np.float64)):
+        raise _fail(what, "two identical score() calls gave different results", "seed any randomness")
+    subset = np.random.default_rng(0).permutation(len(requests))[: len(requests) // 2]
+    alone = np.asarray(baseline.score([requests[i] for i in subset]), dtype=np.float64)
+    if alone.shape != scores[subset].shape or not np.allclose(alone, scores[subset], rtol=1e-6, atol=1e-9):
+        raise _fail(
+            what,
+            "a request's score depends on the other requests scored with it",
+            "score each request on its own (no normalising over the batch)",
+        )
