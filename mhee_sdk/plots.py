@@ -22,8 +22,9 @@ def pareto(runs: pd.DataFrame, x: str = "mean_exit_layer", y: str = "auc", label
     figure, ax = _axes(ax, (6, 4))
     frame = runs.dropna(subset=[x, y]).sort_values(x)
     ax.scatter(frame[x], frame[y], color="tab:blue", zorder=3)
-    for _, row in frame.iterrows():
-        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for n, (_, row) in enumerate(frame.iterrows()):  # alternate above/below so neighbours' labels don't collide
+        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points",
+                    xytext=(4, 5 if n % 2 == 0 else -11), fontsize=8)  # fmt: skip
     best, frontier = -np.inf, []
     for _, row in frame.iterrows():  # cheapest first: a point is on the frontier if it beats all cheaper ones
         if row[y] > best:

@@ -140,11 +140,12 @@ class HFBackbone:
             mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, 2, ...
         cos, sin = self.base.rotary_emb(hidden, positions)
-        return LayerState(
-            hidden=hidden,
-            mask=mask,
-            extras={"cos": cos, "sin": sin, "positions": positions, "attn": _additive_mask(mask, hidden.dtype)},
-        )
+        extras = {"cos": cos, "sin": sin, "positions": positions}
+        if not bool(mask.all()):
+            # Without padding no mask is needed: attention then takes the faster built-in causal path.
+            # Rows removed later keep whichever form their batch started with; both give the same result.
+            extras["attn"] = _additive_mask(mask, hidden.dtype)
+        return LayerState(hidden=hidden, mask=mask, extras=extras)
 
     def step(self, state: LayerState) -> LayerState:
         """Run decoder layer ``state.layers_done + 1`` on every row of the batch."""
@@ -153,7 +154,7 @@ class HFBackbone:
         layer = self.base.layers[state.layers_done]
         out = layer(
             state.hidden,
-            attention_mask=state.extras["attn"],
+            attention_mask=state.extras.get("attn"),
             position_embeddings=(state.extras["cos"], state.extras["sin"]),
             position_ids=state.extras["positions"],
         )
