@@ -30,12 +30,13 @@ def runs_table(store: Store, run_ids: Sequence[str] | None = None) -> pd.DataFra
 
 def format_runs(table: pd.DataFrame) -> str:
     """Fixed-width text table: name, AUC, GAUC, LogLoss, mean exit layer, measured speedup."""
-    lines = [f"{'run':<30}{'AUC':>7}{'GAUC':>7}{'LogLoss':>9}{'mean exit':>11}{'speedup':>9}  run_id"]
+    width = max([len("run"), *(len(str(name)) for name in table["name"])]) + 2
+    lines = [f"{'run':<{width}}{'AUC':>7}{'GAUC':>7}{'LogLoss':>9}{'mean exit':>11}{'speedup':>9}  run_id"]
     for row in table.itertuples():
         exit_text = "-" if row.kind == "baseline" else f"{row.mean_exit_layer:.1f}"
         speed = "-" if pd.isna(row.speedup) else f"{row.speedup:.2f}x"
         lines.append(
-            f"{str(row.name)[:29]:<30}{row.auc:>7.3f}{row.gauc:>7.3f}{row.logloss:>9.3f}{exit_text:>11}{speed:>9}"
+            f"{row.name!s:<{width}}{row.auc:>7.3f}{row.gauc:>7.3f}{row.logloss:>9.3f}{exit_text:>11}{speed:>9}"
             f"  {row.run_id}"
         )
     return "\n".join(lines)
