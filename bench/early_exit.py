@@ -7,6 +7,11 @@ layer), measured wall-clock speedup vs the full-depth engine on the same request
 and the share of the ideal that was realised. "hf forward" is the naive baseline: the model's own
 full forward pass on the same batches (no heads, no early exit). Every timing is the median of
 `--repeats` runs; configurations are interleaved inside each repeat so drift affects all alike.
+
+After each batch size's table, a profile of one more full-depth run and one early-exit run says where
+the time went: tokenising and embedding (`start`), decoder layers, exit heads, policy, the rest
+(compaction, bookkeeping); and what one decoder layer costs per row at each batch width, which is why
+a compacted batch does not realise all of its ideal speedup (fewer rows per layer run less efficiently).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import platform
 import statistics
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -51,6 +58,58 @@ def hf_forward_seconds(backbone, texts: list[str], batch_size: int) -> float:
     return time.perf_counter() - started
 
 
+@contextmanager
+def timed(backbone, heads, policy, totals: dict[str, float], per_width: dict[int, list[float]]):
+    """Wrap the engine's collaborators with timers (on the instances only; removed afterwards)."""
+
+    def wrap(owner, name: str, key: str, width=None):
+        original = getattr(owner, name)
+
+        def timer(*args, **kwargs):
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            spent = time.perf_counter() - started
+            totals[key] += spent
+            if width is not None:
+                per_width[width(*args)].append(spent)
+            return out
+
+        setattr(owner, name, timer)
+
+    wrap(backbone, "start", "start (tokenise, embed)")
+    wrap(backbone, "step", "decoder layers", width=lambda state: int(state.hidden.shape[0]))
+    wrap(backbone, "pooled", "exit heads")
+    wrap(heads, "predict", "exit heads")
+    wrap(policy, "decide", "policy")
+    try:
+        yield
+    finally:
+        for owner, name in ((backbone, "start"), (backbone, "step"), (backbone, "pooled"), (heads, "predict"),
+                            (policy, "decide")):  # fmt: skip
+            del owner.__dict__[name]
+
+
+def print_profile(experiment, policies, texts, ids, extra, batch_size: int) -> None:
+    """Where one run's time goes, for full depth and the first early-exit policy that exits."""
+    for name, params, policy in policies:
+        totals: dict[str, float] = defaultdict(float)
+        per_width: dict[int, list[float]] = defaultdict(list)
+        engine = EarlyExitEngine(experiment.backbone, experiment.heads, policy)
+        with timed(experiment.backbone, experiment.heads, policy, totals, per_width):
+            started = time.perf_counter()
+            engine.run(texts, ids, batch_size=batch_size, progress=False, features=extra)
+            wall = time.perf_counter() - started
+        totals["rest (compaction, bookkeeping)"] = wall - sum(totals.values())
+        row_layers = sum(width * len(times) for width, times in per_width.items())
+        parts = ", ".join(f"{key} {value:.2f} s ({value / wall:.0%})" for key, value in totals.items())
+        print(f"profile {name}{params or ''}: {wall:.2f} s, {row_layers} row-layers; {parts}")
+        widths = sorted(per_width, reverse=True)
+        cost = "  ".join(f"{w}: {1000 * statistics.median(per_width[w]) / w:.2f}" for w in widths[:6])
+        if len(widths) > 6:
+            cost += f"  ... {widths[-1]}: {1000 * statistics.median(per_width[widths[-1]]) / widths[-1]:.2f}"
+        print(f"  one decoder layer, ms per row, by rows in the batch: {cost}")
+
+
 def main() -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--backbone", default=DEMO_CONFIG.backbone)
     parser.add_argument("--head", default=DEMO_CONFIG.head)
+    parser.add_argument("--profile", default="max-prob", help="the early-exit policy to profile")
     args = parser.parse_args()
 
     config: RunConfig = DEMO_CONFIG.replace(backbone=args.backbone, head=args.head, eval_requests=args.requests)
@@ -102,6 +162,8 @@ def main() -> None:
             measured = full / statistics.median(seconds[label])
             print(f"{label[:39]:<40}{value:>7.3f}{value - full_auc:>+8.3f}{mean_layer:>8.1f}{ideal:>6.2f}x"
                   f"{measured:>9.2f}x{measured / ideal:>9.0%}")  # fmt: skip
+        profiled = [policies[0], next(p for p in policies[1:] if p[0] == args.profile)]
+        print_profile(experiment, profiled, texts, ids, extra, batch_size)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,10 @@ def main() -> None:
     for baseline in BASELINES:
         m = first.run_baseline(baseline, requests=requests).metrics
         print(f"{baseline + ' (no LLM)':<52}{m['auc']:>7.3f}{m['gauc']:>7.3f}{m['logloss']:>8.3f}{'-':>6}")
+    if args.big:  # the same amount of training signal for the strongest no-LLM baseline
+        m = first.run_baseline("collab-logistic", {"train_requests": args.big}, requests=requests).metrics
+        label = f"collab-logistic (no LLM), {args.big} train requests"
+        print(f"{label:<52}{m['auc']:>7.3f}{m['gauc']:>7.3f}{m['logloss']:>8.3f}{'-':>6}")
     for label, overrides in configs:
         experiment = Experiment(RunConfig(**{**sizes, **overrides}), progress=False)
         experiment.fit_heads()

@@ -7,7 +7,7 @@ calls), after one warm-up call that fills per-user caches ("cold" is that first 
 Genre hit rate: share of retrieved interactions whose movie shares a genre with the candidate (for
 `gcn` users mode every hit is the candidate itself, so it is 1 by construction).
 Downstream AUC: the same linear exit heads trained per retriever (SmolLM2 frozen, same train/valid
-requests), scored on the same test requests; best layer and last layer.
+requests), scored on the same test requests; at the layer best on validation and at the last layer.
 """
 
 from __future__ import annotations
@@ -96,18 +96,18 @@ def main() -> None:
 
 
 def downstream(name: str, params: dict, args) -> tuple[float, int, float]:
-    """Train linear heads on prompts built with this retriever; test AUC at the best and last layer."""
+    """Train linear heads on prompts built with this retriever; test AUC at the best (on validation) and last layer."""
     config = RunConfig(retriever=name, retriever_params=params, k=args.k, head="linear",
                        train_requests=args.train, valid_requests=args.valid, eval_requests=args.test)  # fmt: skip
     experiment = Experiment(config, progress=False)
-    experiment.fit_heads()
+    report = experiment.fit_heads()
     hidden, labels, _ = experiment.features("test", args.test)
     scores = {}
     with torch.no_grad():
         for j, layer in enumerate(experiment.heads.layers):
             probs = experiment.heads[layer](torch.as_tensor(np.asarray(hidden[:, j], dtype=np.float32)))
             scores[layer] = auc(labels, probs.numpy())
-    best_layer = max(scores, key=scores.get)
+    best_layer = max(report.valid_auc, key=report.valid_auc.get)  # chosen on validation, scored on test
     return scores[best_layer], best_layer, scores[experiment.heads.layers[-1]]
 
 

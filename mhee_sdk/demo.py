@@ -1,8 +1,9 @@
 """`mhee demo`: the whole method on real data and the real model, in a few minutes on a laptop CPU.
 
 MovieLens-100K, the GCN retriever (similar users' ratings of the candidate in the prompt), SmolLM2-135M
-frozen, linear exit heads on every 3rd layer trained on the train split, then the full-depth run, five
-early-exit policies and three classic baselines on the same held-out test requests. Prints one table,
+frozen, hybrid exit heads (hidden state + collaborative features) on every 3rd layer trained on the
+train split, then the full-depth run, five early-exit policies and four classic baselines (the last,
+collab-logistic, is the hybrid head's features without the LLM) on the same held-out test requests. Prints one table,
 writes ``pareto.png`` and the DuckDB store. Hidden states of the training requests are cached, so a
 second run skips that step.
 """
@@ -25,7 +26,8 @@ DEMO_CONFIG = RunConfig(
     k=10,
     prompt_tokens=160,
     backbone="smollm2-135m",
-    head="linear",
+    head="hybrid",
+    head_params={"rank": 8},
     train_requests=500,
     valid_requests=250,
     eval_requests=200,

@@ -16,6 +16,7 @@ from mhee_sdk.exits.policies import (
     Never,
     Patience,
     replay,
+    weighted_auc,
 )
 
 LAYERS = [3, 6, 9, 12]
@@ -106,3 +107,29 @@ def test_replay_sweep_is_fast():
     for threshold in np.linspace(0.5, 1.0, 1000):
         replay(MaxProb(threshold=float(threshold)), probs, layers)
     assert time.perf_counter() - started < 5.0  # generous bound for slow CI; typically ~0.3 s
+
+
+def test_weighted_auc_matches_scikit_learn_with_ties_and_weights():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.random(300), 1)  # many ties
+    labels = rng.integers(0, 2, 300)
+    weights = rng.multinomial(300, np.full(300, 1 / 300), size=5)
+    got = weighted_auc(scores, labels, np.vstack([np.ones(300), weights]))
+    assert got[0] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    for row, w in zip(got[1:], weights, strict=True):
+        assert row == pytest.approx(roc_auc_score(labels, scores, sample_weight=w), abs=1e-12)
+
+
+def test_bootstrap_calibration_is_more_cautious_than_the_point_estimate():
+    probs, labels, layers = synthetic_run(n=300)  # a small validation set: the point estimate is noisy
+    point = Calibrated(budget=0.01, resamples=0).calibrate(probs, labels, layers)
+    bounded = Calibrated(budget=0.01, confidence=0.9).calibrate(probs, labels, layers)
+    assert replay(bounded, probs, layers).layer.mean() > replay(point, probs, layers).layer.mean()
+    again = Calibrated(budget=0.01, confidence=0.9).calibrate(probs, labels, layers)
+    assert again.thresholds == bounded.thresholds  # seeded resamples: the same thresholds every time
+
+
+@pytest.mark.parametrize("params", [{"confidence": 0.2}, {"resamples": -1}, {"budget": 2.0}])
+def test_calibrated_rejects_bad_parameters(params):
+    with pytest.raises(ValueError, match=next(iter(params))):
+        Calibrated(**params)
