@@ -21,14 +21,23 @@ def gauc(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) ->
     """Group AUC (as in DIN): per-user AUC averaged with weights = that user's number of requests.
 
     Users whose requests are all one class have no AUC and are skipped. NaN if no user qualifies.
+    Each user's AUC is the Mann-Whitney statistic from mid-ranks within the user (ties count half,
+    as in scikit-learn), computed for all users at once: a loop of `roc_auc_score` calls took seconds
+    for a few hundred users, too slow for replaying policies in a widget.
     """
-    frame = pd.DataFrame({"label": np.asarray(labels), "prob": np.asarray(probs), "user": np.asarray(users)})
-    total, weight = 0.0, 0
-    for _, group in frame.groupby("user", sort=False):
-        if group["label"].nunique() == 2:
-            total += len(group) * roc_auc_score(group["label"], group["prob"])
-            weight += len(group)
-    return total / weight if weight else float("nan")
+    frame = pd.DataFrame({"label": np.asarray(labels).astype(int), "prob": np.asarray(probs, dtype=np.float64),
+                          "user": np.asarray(users)})  # fmt: skip
+    ranks = frame.groupby("user", sort=False)["prob"].rank(method="average")
+    frame["pos_rank"] = ranks.where(frame["label"] == 1, 0.0)
+    by_user = frame.groupby("user", sort=False)
+    per_user = by_user.agg(n=("label", "size"), pos=("label", "sum"), pos_rank=("pos_rank", "sum"))
+    neg = per_user["n"] - per_user["pos"]
+    both = (per_user["pos"] > 0) & (neg > 0)
+    if not both.any():
+        return float("nan")
+    per_user, neg = per_user[both], neg[both]
+    user_auc = (per_user["pos_rank"] - per_user["pos"] * (per_user["pos"] + 1) / 2) / (per_user["pos"] * neg)
+    return float((user_auc * per_user["n"]).sum() / per_user["n"].sum())
 
 
 def quality(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) -> dict[str, float]:

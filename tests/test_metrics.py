@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mhee_sdk.metrics import auc, exit_histogram, gauc, summarize
 
@@ -27,3 +29,18 @@ def test_summarize_by_hand():
     assert m["logloss"] == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
     assert m["mean_exit_layer"] == 18 and m["layer_savings"] == pytest.approx(30 / 18)
     assert exit_histogram([6, 30, 6]) == {6: 2, 30: 1}
+
+
+def test_gauc_equals_a_loop_of_scikit_learn_aucs_with_ties():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 40, 600)
+    labels = rng.integers(0, 2, 600)
+    probs = np.round(rng.random(600), 1)  # ties within users
+    expected_total = expected_weight = 0.0
+    for user in np.unique(users):
+        mine = users == user
+        if len(np.unique(labels[mine])) == 2:
+            expected_total += mine.sum() * roc_auc_score(labels[mine], probs[mine])
+            expected_weight += mine.sum()
+    assert gauc(labels, probs, users) == pytest.approx(expected_total / expected_weight, abs=1e-12)
+    assert math.isnan(gauc([1, 1, 0], [0.1, 0.2, 0.3], [1, 1, 2]))

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,13 +93,9 @@ def test_replay_and_sweep(tmp_path):
     run_id = fake_full_depth_run(store, 5000, layers)
     loose, strict = store.replay(run_id, MaxProb(threshold=0.6)), store.replay(run_id, MaxProb(threshold=0.99))
     assert loose.metrics["mean_exit_layer"] < strict.metrics["mean_exit_layer"]
-    store.sweep(run_id, [MaxProb(threshold=0.7)])  # warm the matrix cache, as a notebook would
     policies = [MaxProb(threshold=float(t)) for t in np.linspace(0.5, 1.0, 1000)]
-    started = time.perf_counter()
-    table = store.sweep(run_id, policies)
-    elapsed = time.perf_counter() - started
+    table = store.sweep(run_id, policies)  # its speed is measured by bench/sweep.py, not asserted here
     assert len(table) == 1000 and table["mean_exit_layer"].is_monotonic_increasing
-    assert elapsed < 3.0, elapsed  # ~0.4 s on a quiet 2-core machine; generous for shared CI
     row = table.iloc[200]
     assert row["auc"] == pytest.approx(store.replay(run_id, row["policy"]).metrics["auc"], abs=1e-12)
 
