@@ -1,10 +1,16 @@
-"""The PolicyTuner served by Voila and driven in headless Chromium: it renders and a slider move updates it."""
+"""Tutorial 03 served by Voila and driven in headless Chromium: its PolicyTuner renders and follows a slider.
+
+Voila runs a copy of the notebook top to bottom with the tiny backbone (``MHEE_TUTORIAL_BACKBONE=tiny``, as
+the tutorial tests do), so the page shows the widget state the notebook left: the tuner on `multi-head`.
+The test switches it back to `max-prob` in the page and drags the threshold.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +21,8 @@ from urllib.parse import urlparse
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-NOTEBOOK = Path(__file__).parent / "notebooks" / "policy_tuner.ipynb"
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+NOTEBOOK = "03_exit_policies.ipynb"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "build" / "voila_policy_tuner.png"
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists() and not os.environ.get("MHEE_REQUIRE_BROWSER"),
@@ -53,13 +60,15 @@ def voila_url(tmp_path):
     env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "jupyter-path"),
            "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "IPYTHONDIR": str(tmp_path / "ipython"),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "OMP_NUM_THREADS": "1", "MHEE_TUTORIAL_BACKBONE": "tiny"}  # fmt: skip
+    copy = tmp_path / "tutorials"  # the notebook writes to ../build: keep that inside tmp_path
+    shutil.copytree(TUTORIALS, copy, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port = _free_port()
     log = tmp_path / "voila.log"
-    command = [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}",
+    command = [sys.executable, "-m", "voila", str(copy / NOTEBOOK), "--no-browser", f"--port={port}",
                "--Voila.ip=127.0.0.1", "--VoilaConfiguration.show_tracebacks=True"]  # fmt: skip
     with log.open("w") as out:
-        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=copy)
     try:
         _wait_for_port(port, server, log)
         yield f"http://127.0.0.1:{port}/", log
@@ -71,7 +80,7 @@ def voila_url(tmp_path):
             server.kill()
 
 
-def test_policy_tuner_in_voila_follows_a_slider(voila_url):
+def test_tutorial_03_in_voila_its_policy_tuner_follows_a_slider(voila_url):
     if not CHROMIUM.exists():
         pytest.fail("MHEE_REQUIRE_BROWSER is set but /usr/bin/chromium is missing: apt-get install -y chromium")
     from playwright.sync_api import expect, sync_playwright
@@ -91,15 +100,19 @@ def test_policy_tuner_in_voila_follows_a_slider(voila_url):
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             page.route("**/*", local_only)
-            page.goto(url, timeout=60_000)
+            page.goto(url, timeout=300_000)  # Voila answers once the whole notebook has run
             auc = page.locator(".mhee-metric-auc")
             mean_exit = page.locator(".mhee-metric-mean_exit_layer")
             expect(auc).to_contain_text(re.compile(r"AUC \d\.\d{4}"), timeout=60_000)
+            page.locator(".mhee-policy-select select").select_option("max-prob")  # the notebook left multi-head
+            expect(page.locator(".mhee-knob-threshold .noUi-handle")).to_be_visible(timeout=15_000)
+            page.wait_for_timeout(2_000)  # let the switch's metrics and plot arrive before reading "before"
             before = (auc.inner_text(), mean_exit.inner_text())
             assert re.fullmatch(r"mean exit layer \d\.\d\d", before[1])
             pareto = page.locator(".mhee-policy-tuner .widget-output img")
             plotted = pareto.get_attribute("src")
             handle = page.locator(".mhee-knob-threshold .noUi-handle")
+            page.locator(".mhee-policy-tuner").scroll_into_view_if_needed()  # mouse coordinates are the viewport's
             start = handle.bounding_box()
             track = page.locator(".mhee-knob-threshold .noUi-target").bounding_box()
             page.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)

@@ -202,3 +202,11 @@ def test_registered_as_gcn(registry):
 def test_bad_k_is_rejected(fitted, held_out):
     with pytest.raises(ValueError, match="k=-1"):
         fitted.retrieve(held_out[:1], -1)
+
+
+@pytest.mark.parametrize("mode", ["users", "history"])
+def test_a_batch_answers_like_single_requests(fitted, held_out, mode):
+    retriever = in_mode(fitted, mode)
+    batch = retriever.retrieve(held_out[:40], 5)
+    assert batch == [retriever.retrieve([request], 5)[0] for request in held_out[:40]]
+    assert retriever.retrieve([], 5) == [] and retriever.retrieve(held_out[:2], 0) == [[], []]

@@ -63,6 +63,10 @@ class InteractionLog:
         self._by_item = _Index(columns, "item")
         self.num_events = len(columns)
 
+    def by_user(self) -> Events:
+        """Every interaction, grouped by user (ascending) and time-ordered within each user."""
+        return self._by_user.columns
+
     def before(self, user: int, ts: int) -> Events:
         """The user's interactions strictly before `ts`, oldest first."""
         return self._by_user.before(int(user), int(ts))

@@ -247,7 +247,7 @@ class GCNRetriever:
         self._user_emb, self._item_emb = _padded(user_emb, user_known), _padded(item_emb, item_known)
         self._user_known, self._item_known = np.append(user_known, False), np.append(item_known, False)
         self._user_unit, self._item_unit = _unit(self._user_emb), _unit(self._item_emb)
-        self._fold_in_sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._fold_in: tuple[np.ndarray, np.ndarray, int] | None = None  # built on first use
         return self
 
     def _fitted_log(self) -> InteractionLog:
@@ -261,28 +261,42 @@ class GCNRetriever:
         ids = np.asarray(ids, dtype=np.int64)
         return np.where((ids >= 0) & (ids < len(table) - 1), ids, len(table) - 1)
 
-    def _running_sums(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """A cold user's rating times and running [count, embedding sum] of liked, known items."""
-        if user not in self._fold_in_sums:
-            # read the whole history once; _user_vectors cuts it strictly before each request's ts,
-            # exactly as log.before would, so a fold-in costs one searchsorted instead of a mean
-            events = self._fitted_log().before(user, np.iinfo(np.int64).max)
+    def _fold_in_index(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Running [count, embedding sum] of liked, known items over the history of every user without an edge.
+
+        Rows follow the log's (user, time) order, keyed by ``user * span + ts``, so the sums of any user strictly
+        before any time are two searchsorted calls away, for a whole batch of users at once.
+        """
+        if self._fold_in is None:
+            events = self._fitted_log().by_user()
+            cold = ~self._user_known[self._rows(self._user_emb, events.user)]
+            events = Events(*(column[cold] for column in events))
             rows = self._rows(self._item_emb, events.item)
             usable = ((events.rating >= self.like_threshold) & self._item_known[rows])[:, None]
             values = np.hstack([usable, self._item_emb[rows] * usable], dtype=np.float64)
             sums = np.vstack([np.zeros((1, self.dim + 1)), np.cumsum(values, axis=0)])
-            self._fold_in_sums[user] = (events.ts, sums)
-        return self._fold_in_sums[user]
+            span = int(events.ts.max()) + 2 if events.size else 2
+            self._fold_in = (events.user * span + events.ts, sums, span)
+        return self._fold_in
 
-    def _user_vectors(self, users: np.ndarray, ts: int) -> np.ndarray:
-        """Raw GCN embeddings of `users` at time `ts`, folding in those without a training edge."""
+    def _user_vectors(self, users: np.ndarray, ts: int | np.ndarray, unit: bool = False) -> np.ndarray:
+        """GCN embeddings of `users` at time `ts` (one time, or one per user; unit length if `unit`). A user
+        without a training edge is folded in as the mean embedding of the known items they liked strictly
+        before that time (zero if none)."""
+        users = np.asarray(users, dtype=np.int64)
         rows = self._rows(self._user_emb, users)
-        vectors = self._user_emb[rows]
-        for position in np.flatnonzero(~self._user_known[rows]):
-            times, sums = self._running_sums(int(users[position]))
-            running = sums[np.searchsorted(times, ts, side="left")]
-            if running[0] > 0:
-                vectors[position] = running[1:] / running[0]
+        vectors = (self._user_unit if unit else self._user_emb)[rows]
+        cold = np.flatnonzero(~self._user_known[rows])
+        if cold.size:
+            keys, sums, span = self._fold_in_index()
+            start = users[cold] * span
+            times = np.broadcast_to(np.asarray(ts, dtype=np.int64), users.shape)[cold]
+            upto = start + np.clip(times, 0, span - 1)  # a later ts than the log's sees all of it
+            running = sums[np.searchsorted(keys, upto, side="left")] - sums[np.searchsorted(keys, start, side="left")]
+            count = running[:, :1]
+            folded = np.divide(running[:, 1:], count, out=np.zeros_like(running[:, 1:]), where=count > 0)
+            folded = folded.astype(vectors.dtype)
+            vectors[cold] = _unit(folded) if unit else folded
         return vectors
 
     # ------------------------------------------------------------------ retrieval
@@ -290,21 +304,34 @@ class GCNRetriever:
         """Per request, up to `k` earlier interactions with the highest GCN cosine, best first."""
         k = check_k(k)
         log = self._fitted_log()
-        find = self._similar_users if self.mode == "users" else self._similar_items
-        return [find(log, request, k) if k else [] for request in requests]
+        if not k or not requests:
+            return [[] for _ in requests]
+        if self.mode == "users":
+            return self._similar_users(log, requests, k)
+        return [self._similar_items(log, request, k) for request in requests]
 
-    def _similar_users(self, log: InteractionLog, request: Request, k: int) -> list[Retrieved]:
-        events = log.raters(request.item, request.ts)
-        # latest rating per rater: first occurrence in the reversed (newest-first) arrays
-        _, first = np.unique(events.user[::-1], return_index=True)
-        latest = events.size - 1 - first
-        latest = latest[events.user[latest] != request.user]
-        if latest.size == 0:
-            return []
-        events = Events(*(column[latest] for column in events))
-        query = _unit(self._user_vectors(np.array([request.user]), request.ts)[0])
-        scores = _unit(self._user_vectors(events.user, request.ts)) @ query
-        return self._pick(events, scores, k, "similar user" if query.any() else "recent rater, user has no embedding")
+    def _similar_users(self, log: InteractionLog, requests: Sequence[Request], k: int) -> list[list[Retrieved]]:
+        candidates = []
+        for request in requests:
+            events = log.raters(request.item, request.ts)
+            # latest rating per rater: first occurrence in the reversed (newest-first) arrays
+            _, first = np.unique(events.user[::-1], return_index=True)
+            latest = events.size - 1 - first
+            latest = latest[events.user[latest] != request.user]
+            candidates.append(Events(*(column[latest] for column in events)))
+        # the embeddings of every rater of every request in one go: row `owner` is the request it serves
+        owner = np.repeat(np.arange(len(requests)), [events.size for events in candidates])
+        times = np.array([request.ts for request in requests], dtype=np.int64)
+        queries = self._user_vectors(np.array([request.user for request in requests]), times, unit=True)
+        raters = np.concatenate([events.user for events in candidates])
+        scores = np.einsum("md,md->m", self._user_vectors(raters, times[owner], unit=True), queries[owner])
+        found = []
+        for events, part, query in zip(
+            candidates, np.split(scores, np.cumsum([e.size for e in candidates])[:-1]), queries, strict=True
+        ):
+            reason = "similar user" if query.any() else "recent rater, user has no embedding"
+            found.append(self._pick(events, part, k, reason) if events.size else [])
+        return found
 
     def _similar_items(self, log: InteractionLog, request: Request, k: int) -> list[Retrieved]:
         events = log.before(request.user, request.ts)

@@ -80,6 +80,7 @@ class PolicyTuner(StaticFallback, widgets.VBox):
         if policy not in names:
             raise ValueError(f"policy {policy!r} cannot be tuned here; choose from: {', '.join(names)}")
         self.policy_select = widgets.Dropdown(options=names, value=policy, description="policy")
+        self.policy_select.add_class("mhee-policy-select")
         self.save_button = widgets.Button(description="save as run", icon="save")
         if store.read_only:
             self.save_button.disabled, self.save_button.tooltip = True, READ_ONLY_TIP
