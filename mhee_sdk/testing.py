@@ -5,6 +5,9 @@ Call them from your plugin's tests; each raises ``ContractError`` with a message
     from mhee_sdk.testing import check_exit_policy
     def test_my_policy_conforms():
         check_exit_policy(MyPolicy())
+
+:func:`synthetic_full_depth_run` logs a model-free full-depth run, to test a policy with
+``store.replay`` or time ``store.sweep`` without any backbone.
 """
 
 from __future__ import annotations
@@ -290,3 +293,30 @@ def check_baseline(baseline: Any, dataset: Any, requests: Sequence[Request] | No
             "a request's score depends on the other requests scored with it",
             "score each request on its own (no normalising over the batch)",
         )
+
+
+def synthetic_full_depth_run(store, requests: int, layers: Sequence[int], seed: int = 0, users: int = 50) -> str:
+    """Log a finished full-depth run of `requests` synthetic requests in `store`; returns its run id.
+
+    Every exit layer's head outputs P(like) = sigmoid(signal * label-sign + noise), the signal growing
+    from 0.2 at the first exit layer to 1.5 at the last: heads that get more accurate with depth.
+    """
+    import pandas as pd
+
+    from mhee_sdk.metrics import auc
+
+    layers = [int(layer) for layer in layers]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, requests)
+    signal = (2 * labels - 1)[:, None] * np.linspace(0.2, 1.5, len(layers))[None, :]
+    probs = 1 / (1 + np.exp(-(signal + rng.normal(0, 1, (requests, len(layers))))))
+    with store.recording({"policy": "never"}, layers, layers[-1], name="full") as run_id:
+        store.append(run_id, "predictions", pd.DataFrame({
+            "request_id": np.arange(requests), "user": rng.integers(0, users, requests),
+            "item": rng.integers(0, 100, requests), "label": labels, "prob": probs[:, -1], "exit_layer": layers[-1],
+            "latency_s": 0.1}))  # fmt: skip
+        store.append(run_id, "layer_outputs", pd.DataFrame({
+            "request_id": np.repeat(np.arange(requests), len(layers)), "layer": np.tile(layers, requests),
+            "head": "linear", "prob": probs.ravel()}))  # fmt: skip
+        store.add_metrics(run_id, {"auc": auc(labels, probs[:, -1])})
+    return run_id

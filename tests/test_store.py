@@ -1,30 +1,16 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from mhee_sdk.exits.policies import MaxProb
 from mhee_sdk.store import Store, StoreError, rank_auc
+from mhee_sdk.testing import synthetic_full_depth_run
 
 
 def fake_full_depth_run(store: Store, n: int, layers: list[int], seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    probs = 1 / (
-        1
-        + np.exp(-((2 * labels - 1)[:, None] * np.linspace(0.2, 1.5, len(layers)) + rng.normal(0, 1, (n, len(layers)))))
-    )
-    with store.recording({"policy": "never"}, layers, layers[-1], name="full") as run_id:
-        store.append(run_id, "predictions", pd.DataFrame({
-            "request_id": np.arange(n), "user": rng.integers(0, 50, n), "item": rng.integers(0, 100, n),
-            "label": labels, "prob": probs[:, -1], "exit_layer": layers[-1], "latency_s": 0.1}))  # fmt: skip
-        store.append(run_id, "layer_outputs", pd.DataFrame({
-            "request_id": np.repeat(np.arange(n), len(layers)), "layer": np.tile(layers, n), "head": "linear",
-            "prob": probs.ravel()}))  # fmt: skip
-        store.add_metrics(run_id, {"auc": roc_auc_score(labels, probs[:, -1])})
-    return run_id
+    return synthetic_full_depth_run(store, n, layers, seed=seed)
 
 
 def test_round_trip_and_read_only(tmp_path):
