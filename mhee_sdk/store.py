@@ -323,24 +323,39 @@ class Store:
     def sweep(self, run_id: str, policies: Sequence[Any]) -> pd.DataFrame:
         """Replay many policies (e.g. a threshold grid) on one logged run: AUC, mean exit layer, savings.
 
-        Cheap metrics only (rank AUC, no GAUC), so a 1,000-setting sweep over 5,000 requests is sub-second.
+        Cheap metrics only (AUC, no GAUC). Every exit prob is one of the run's logged outputs, so their
+        order is ranked once per run and each setting's AUC is a counting pass over those ranks, no sort.
         """
         preds, layers, probs = self.layer_matrix(run_id)
-        labels = preds["label"].to_numpy()
+        labels = preds["label"].to_numpy().astype(bool)
         num_layers = self._num_layers.setdefault(run_id, int(self.run(run_id)["num_layers"]))
-        rows = []
+        levels, inverse = np.unique(probs, return_inverse=True)
+        ranks = inverse.reshape(probs.shape)  # equal probs share a rank
+        rows = np.arange(len(probs))
+        out = []
         for policy in policies:
             result = replay_policy(policy, probs, layers)
             mean_layer = float(result.layer.mean())
-            rows.append(
+            out.append(
                 {
                     "policy": policy,
-                    "auc": rank_auc(labels, result.prob),
+                    "auc": _auc_of_ranks(ranks[rows, result.index], labels, len(levels)),
                     "mean_exit_layer": mean_layer,
                     "layer_savings": num_layers / mean_layer,
                 }
             )
-        return pd.DataFrame(rows)
+        return pd.DataFrame(out)
+
+
+def _auc_of_ranks(ranks: np.ndarray, labels: np.ndarray, levels: int) -> float:
+    """Mann-Whitney AUC of integer scores in ``[0, levels)`` (ties count half) by counting, not sorting."""
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    negative_count = np.bincount(ranks[~labels], minlength=levels)
+    below = np.cumsum(negative_count) - negative_count  # negatives strictly below each rank
+    mine = ranks[labels]
+    return float((below[mine] + 0.5 * negative_count[mine]).sum() / (positives * negatives))
 
 
 def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
