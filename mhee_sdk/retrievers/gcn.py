@@ -320,15 +320,14 @@ class GCNRetriever:
             latest = latest[events.user[latest] != request.user]
             candidates.append(Events(*(column[latest] for column in events)))
         # the embeddings of every rater of every request in one go: row `owner` is the request it serves
-        owner = np.repeat(np.arange(len(requests)), [events.size for events in candidates])
+        sizes = [events.size for events in candidates]
+        owner = np.repeat(np.arange(len(requests)), sizes)
         times = np.array([request.ts for request in requests], dtype=np.int64)
         queries = self._user_vectors(np.array([request.user for request in requests]), times, unit=True)
         raters = np.concatenate([events.user for events in candidates])
         scores = np.einsum("md,md->m", self._user_vectors(raters, times[owner], unit=True), queries[owner])
         found = []
-        for events, part, query in zip(
-            candidates, np.split(scores, np.cumsum([e.size for e in candidates])[:-1]), queries, strict=True
-        ):
+        for events, part, query in zip(candidates, np.split(scores, np.cumsum(sizes)[:-1]), queries, strict=True):
             reason = "similar user" if query.any() else "recent rater, user has no embedding"
             found.append(self._pick(events, part, k, reason) if events.size else [])
         return found
