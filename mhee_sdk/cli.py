@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 
@@ -82,9 +83,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneConfig(
         lora=not args.no_lora, soft_tokens=args.soft_tokens, epochs=args.epochs, max_minutes=args.minutes
     )
+    started = time.perf_counter()
     report = Experiment(config).finetune(args.name, settings)
     print(
-        f"adapter {args.name!r}: {report.steps} steps in {report.minutes:.1f} min "
+        f"adapter {args.name!r}: job {(time.perf_counter() - started) / 60:.1f} min of a {args.minutes:g}-minute "
+        f"budget, {report.steps} training steps in {report.minutes:.1f} min "
         f"(loss {report.losses[0]:.4f} -> {sum(report.losses[-20:]) / len(report.losses[-20:]):.4f}); "
         f"use backbone 'smollm2-135m+lora:{args.name}'"
     )
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", default="demo", help="adapter name (the demo uses 'demo' when it exists)")
     tune.add_argument("--train-requests", type=int, default=1500, help="training requests (one pass each epoch)")
     tune.add_argument("--epochs", type=int, default=1)
-    tune.add_argument("--minutes", type=float, default=55.0, help="time budget; stops and saves when spent")
+    tune.add_argument("--minutes", type=float, default=55.0, help="budget of the whole job (fit, train, re-fit)")
     tune.add_argument("--soft-tokens", type=int, default=0, help="collaborative soft tokens (CoLLM); 0 = off")
     tune.add_argument("--no-lora", action="store_true", help="train soft tokens and heads only")
     tune.add_argument("--head", default="hybrid", help="exit head kind trained jointly")

@@ -44,16 +44,26 @@ DEMO_BASELINES = ["popularity", "gcn-score", "logistic", "collab-logistic"]
 DEMO_ADAPTER = "demo"
 
 
+def demo_backbone(requested: str | None = None) -> tuple[str, str]:
+    """The demo's backbone and a line saying why: `requested`, else adapter 'demo' if it exists, else frozen."""
+    if requested:
+        return requested, f"using the backbone {requested!r} (--backbone)"
+    if (adapter_dir(DEMO_ADAPTER) / "adapter.json").is_file():
+        return (
+            f"smollm2-135m+lora:{DEMO_ADAPTER}",
+            f"using the fine-tuned adapter {adapter_dir(DEMO_ADAPTER)} (made by `mhee finetune`)",
+        )
+    return (
+        "smollm2-135m",
+        f"no fine-tuned adapter {DEMO_ADAPTER!r} found: using frozen SmolLM2-135M (`mhee finetune` makes one)",
+    )
+
+
 def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backbone: str | None = None) -> Path:
     """Run the demo; returns the store path. `samples` overrides the number of test requests."""
-    config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests)
-    if backbone:
-        config = config.replace(backbone=backbone)
-    elif (adapter_dir(DEMO_ADAPTER) / "adapter.json").is_file():
-        config = config.replace(backbone=f"smollm2-135m+lora:{DEMO_ADAPTER}")
-        print(f"using the fine-tuned adapter {adapter_dir(DEMO_ADAPTER)} (made by `mhee finetune`)")
-    else:
-        print(f"no fine-tuned adapter {DEMO_ADAPTER!r} found: using frozen SmolLM2-135M (`mhee finetune` makes one)")
+    name, why = demo_backbone(backbone)
+    print(why)
+    config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

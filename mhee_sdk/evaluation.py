@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,15 @@ from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import build_heads
-from mhee_sdk.finetune import FinetuneConfig, FinetuneReport, finetune, mark_adapted, save_adapter
+from mhee_sdk.finetune import (
+    FinetuneConfig,
+    FinetuneReport,
+    finetune,
+    forward_seconds,
+    mark_adapted,
+    save_adapter,
+    training_minutes,
+)
 from mhee_sdk.metrics import quality, summarize
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
@@ -166,12 +174,23 @@ class Experiment:
         return policy
 
     def finetune(self, name: str, settings: FinetuneConfig | None = None) -> FinetuneReport:
-        """Fine-tune (LoRA / soft tokens) on the train sample, save adapter `name`, re-fit the heads."""
+        """Fine-tune (LoRA / soft tokens) on the train sample, save adapter `name`, re-fit the heads.
+
+        ``settings.max_minutes`` bounds the whole job: the training loop gets what is left after the
+        frozen head fit and a timed estimate of the re-fit (new hidden states of train + valid).
+        """
+        started = time.perf_counter()
         settings = settings or FinetuneConfig(seed=self.config.seed, progress=self.progress)
         if self.heads.trainable and self.train_report is None:
             self.fit_heads()  # heads start from the frozen fit (and keep its standardization)
         requests = self.dataset.requests("train", limit=self.config.train_requests, seed=self.config.seed)
         texts, retrieved = self.prompts(requests)
+        budget = settings.max_minutes
+        if budget is not None:
+            refit_rows = len(requests) + self.config.valid_requests if self.heads.trainable else 0
+            refit = 1.2 * refit_rows * forward_seconds(self.backbone, texts, self.heads.layers[-1]) / 60
+            spent = (time.perf_counter() - started) / 60
+            settings = replace(settings, max_minutes=training_minutes(budget, spent, refit))
         collab = None
         if settings.soft_tokens:
             if self.collaborative is None:
@@ -183,7 +202,7 @@ class Experiment:
         report, soft = finetune(
             self.backbone, self.heads, texts, labels, settings, self.extra_features(requests, retrieved), collab
         )
-        meta = {"run_config": self.config.to_dict(), "train_requests": len(requests)}
+        meta = {"run_config": self.config.to_dict(), "train_requests": len(requests), "job_budget_minutes": budget}
         save_adapter(name, self.backbone, settings, report, soft, meta)
         if soft is not None:
             self.backbone.soft_tokens = soft.eval()

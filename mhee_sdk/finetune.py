@@ -42,7 +42,11 @@ class SoftTokens(nn.Module):
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning settings; the defaults finish in under an hour on 2 CPU cores (see bench/RESULTS.md)."""
+    """Fine-tuning settings; the defaults finish in under an hour on 2 CPU cores (see bench/RESULTS.md).
+
+    ``max_minutes`` bounds :func:`finetune`'s training loop; :meth:`Experiment.finetune` reads it as the
+    budget of the whole job (frozen head fit, training, re-fit) and gives the loop what is left.
+    """
 
     lora: bool = True
     rank: int = 8
@@ -54,7 +58,7 @@ class FinetuneConfig:
     lr: float = 5e-4  # LoRA and soft tokens, at the shallowest layer
     head_lr: float = 2e-3
     depth_boost: float = 1.0
-    max_minutes: float | None = 55.0  # stop (and save) when the budget is spent
+    max_minutes: float | None = 55.0  # stop (and save) when the budget is spent; None = no limit
     seed: int = 0
     progress: bool = True
 
@@ -170,6 +174,29 @@ def finetune(
     backbone.model.eval()
     heads.eval()
     return report, soft
+
+
+def forward_seconds(backbone, texts: Sequence[str], depth: int, batch_size: int = 16) -> float:
+    """Seconds per request of an inference pass through `depth` layers, timed on one batch of `texts`."""
+    batch = list(texts[:batch_size])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        state = backbone.start(batch)
+        for _ in range(depth):
+            state = backbone.step(state)
+    return (time.perf_counter() - started) / len(batch)
+
+
+def training_minutes(budget: float, spent: float, after: float) -> float:
+    """What a job budget leaves the training loop once `spent` minutes are gone and `after` are needed."""
+    left = budget - spent - after
+    if left <= 0:
+        raise ValueError(
+            f"a {budget:.1f}-minute budget leaves no time to train: {spent:.1f} min went to preparing and about "
+            f"{after:.1f} min are needed afterwards to re-fit the heads; raise the budget (--minutes) or use "
+            "fewer training requests (--train-requests)"
+        )
+    return left
 
 
 def adapter_dir(name: str) -> Path:

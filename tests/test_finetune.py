@@ -63,3 +63,21 @@ def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
     torch.testing.assert_close(a.hidden, b.hidden)
     with pytest.raises(FileNotFoundError, match=r"adapter .missing. not found.*available: unit"):
         load_adapter(tiny_backbone(), "missing")
+
+
+def test_job_budget_is_split_and_a_spent_budget_is_refused(tmp_path, monkeypatch):
+    from mhee_sdk import assets
+    from mhee_sdk.finetune import training_minutes
+
+    assert training_minutes(55, spent=14, after=15) == 26
+    with pytest.raises(ValueError, match=r"10.0-minute budget leaves no time to train.*--minutes"):
+        training_minutes(10, spent=6, after=5)
+    (tmp_path / "data").symlink_to(assets.home() / "data")
+    monkeypatch.setenv("MHEE_HOME", str(tmp_path))
+    config = RunConfig(backbone="tiny", retriever="recent", k=2, prompt_tokens=300, exit_layers=[3, 6],
+                       train_requests=16, valid_requests=16, eval_requests=8, batch_size=8)  # fmt: skip
+    experiment = Experiment(config, registry=Registry(load_entry_points=False), progress=False,
+                            cache_dir=tmp_path / "hidden")  # fmt: skip
+    with pytest.raises(ValueError, match="leaves no time to train"):
+        experiment.finetune("late", FinetuneConfig(max_minutes=1e-6, progress=False))
+    assert not (tmp_path / "adapters" / "late").exists()
