@@ -88,7 +88,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(
         f"adapter {args.name!r}: job {(time.perf_counter() - started) / 60:.1f} min of a {args.minutes:g}-minute "
         f"budget, {report.steps} training steps in {report.minutes:.1f} min "
-        f"(loss {report.losses[0]:.4f} -> {sum(report.losses[-20:]) / len(report.losses[-20:]):.4f}); "
+        f"(mean loss of the first / last 20 steps {report.first_loss:.4f} -> {report.last_loss:.4f}); "
         f"use backbone 'smollm2-135m+lora:{args.name}'"
     )
     return 0

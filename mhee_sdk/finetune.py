@@ -72,6 +72,16 @@ class FinetuneReport:
     minutes: float = 0.0
     stopped_by_budget: bool = False
 
+    @property
+    def first_loss(self) -> float | None:
+        """Mean joint loss over the first 20 steps."""
+        return float(np.mean(self.losses[:20])) if self.losses else None
+
+    @property
+    def last_loss(self) -> float | None:
+        """Mean joint loss over the last 20 steps."""
+        return float(np.mean(self.losses[-20:])) if self.losses else None
+
 
 def add_lora(backbone, config: FinetuneConfig) -> list[nn.Parameter]:
     """Inject LoRA adapters into the backbone's model in place; freeze everything else."""
@@ -222,8 +232,8 @@ def save_adapter(name: str, backbone, config: FinetuneConfig, report: FinetuneRe
         "soft_tokens": None if soft is None else {"source_dim": soft.source_dim, "count": soft.count},
         "steps": report.steps,
         "minutes": report.minutes,
-        "first_loss": report.losses[0] if report.losses else None,
-        "last_loss": float(np.mean(report.losses[-20:])) if report.losses else None,
+        "first_loss": report.first_loss,  # means over 20 steps: one batch's loss is mostly noise
+        "last_loss": report.last_loss,
         **(meta or {}),
     }
     (folder / "adapter.json").write_text(json.dumps(record, indent=2))
