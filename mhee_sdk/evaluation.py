@@ -187,8 +187,10 @@ class Experiment:
         texts, retrieved = self.prompts(requests)
         budget = settings.max_minutes
         if budget is not None:
-            refit_rows = len(requests) + self.config.valid_requests if self.heads.trainable else 0
-            refit = 1.2 * refit_rows * forward_seconds(self.backbone, texts, self.heads.layers[-1]) / 60
+            refit = 0.0  # untrained heads (verbalizer) need no re-fit
+            if self.heads.trainable:
+                rows = len(requests) + self.config.valid_requests
+                refit = 1.2 * rows * forward_seconds(self.backbone, texts, self.heads.layers[-1]) / 60
             spent = (time.perf_counter() - started) / 60
             settings = replace(settings, max_minutes=training_minutes(budget, spent, refit))
         collab = None
