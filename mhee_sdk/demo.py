@@ -48,11 +48,9 @@ def demo_backbone(requested: str | None = None) -> tuple[str, str]:
     """The demo's backbone and a line saying why: `requested`, else adapter 'demo' if it exists, else frozen."""
     if requested:
         return requested, f"using the backbone {requested!r} (--backbone)"
-    if (adapter_dir(DEMO_ADAPTER) / "adapter.json").is_file():
-        return (
-            f"smollm2-135m+lora:{DEMO_ADAPTER}",
-            f"using the fine-tuned adapter {adapter_dir(DEMO_ADAPTER)} (made by `mhee finetune`)",
-        )
+    folder = adapter_dir(DEMO_ADAPTER)
+    if (folder / "adapter.json").is_file():
+        return f"smollm2-135m+lora:{DEMO_ADAPTER}", f"using the fine-tuned adapter {folder} (made by `mhee finetune`)"
     return (
         "smollm2-135m",
         f"no fine-tuned adapter {DEMO_ADAPTER!r} found: using frozen SmolLM2-135M (`mhee finetune` makes one)",

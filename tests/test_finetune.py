@@ -40,15 +40,19 @@ def test_soft_tokens_carry_collaborative_signal():
         finetune(backbone, heads, texts, LABELS, settings)
 
 
-def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
+def tiny_experiment(tmp_path, monkeypatch, requests: int) -> Experiment:
+    """A tiny-backbone Experiment on the real MovieLens files, with a fresh $MHEE_HOME for its adapters."""
     from mhee_sdk import assets
 
-    (tmp_path / "data").symlink_to(assets.home() / "data")  # the real MovieLens files, a fresh adapter folder
+    (tmp_path / "data").symlink_to(assets.home() / "data")
     monkeypatch.setenv("MHEE_HOME", str(tmp_path))
-    registry = Registry(load_entry_points=False)
     config = RunConfig(backbone="tiny", retriever="recent", k=2, prompt_tokens=300, exit_layers=[3, 6],
-                       train_requests=24, valid_requests=24, eval_requests=8, batch_size=8)  # fmt: skip
-    experiment = Experiment(config, registry=registry, progress=False, cache_dir=tmp_path / "hidden")
+                       train_requests=requests, valid_requests=requests, eval_requests=8, batch_size=8)  # fmt: skip
+    return Experiment(config, registry=Registry(load_entry_points=False), progress=False, cache_dir=tmp_path / "hidden")
+
+
+def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
+    experiment = tiny_experiment(tmp_path, monkeypatch, requests=24)
     before = experiment.backbone.fingerprint
     report = experiment.finetune("unit", FinetuneConfig(epochs=1, batch_size=8, progress=False))
     assert report.steps == 3 and (tmp_path / "adapters" / "unit" / "lora.safetensors").is_file()
@@ -66,18 +70,12 @@ def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
 
 
 def test_job_budget_is_split_and_a_spent_budget_is_refused(tmp_path, monkeypatch):
-    from mhee_sdk import assets
     from mhee_sdk.finetune import training_minutes
 
     assert training_minutes(55, spent=14, after=15) == 26
     with pytest.raises(ValueError, match=r"10.0-minute budget leaves no time to train.*--minutes"):
         training_minutes(10, spent=6, after=5)
-    (tmp_path / "data").symlink_to(assets.home() / "data")
-    monkeypatch.setenv("MHEE_HOME", str(tmp_path))
-    config = RunConfig(backbone="tiny", retriever="recent", k=2, prompt_tokens=300, exit_layers=[3, 6],
-                       train_requests=16, valid_requests=16, eval_requests=8, batch_size=8)  # fmt: skip
-    experiment = Experiment(config, registry=Registry(load_entry_points=False), progress=False,
-                            cache_dir=tmp_path / "hidden")  # fmt: skip
+    experiment = tiny_experiment(tmp_path, monkeypatch, requests=16)
     with pytest.raises(ValueError, match="leaves no time to train"):
         experiment.finetune("late", FinetuneConfig(max_minutes=1e-6, progress=False))
     assert not (tmp_path / "adapters" / "late").exists()
