@@ -142,7 +142,7 @@ class Backbone(Protocol):
         ...
 
     def step(self, state: LayerState) -> LayerState:
-        """Run the next decoder layer (number ``state.layers_done + 1``) on every row."""
+        """Run the next decoder layer (number ``state.layers_done + 1``) on every row; ValueError once all ran."""
         ...
 
     def pooled(self, state: LayerState) -> torch.Tensor:
@@ -182,6 +182,10 @@ class LanguageModelHead(Protocol):
 
     def final_norm_module(self) -> nn.Module:
         """The final norm the LM head reads after."""
+        ...
+
+    def logit_scaling(self) -> tuple[float, float | None]:
+        """``(multiplier, soft cap)`` on raw LM-head outputs: ``tanh(m * x / cap) * cap``; no cap: ``m * x``."""
         ...
 
 
@@ -265,6 +269,13 @@ class Knob:
     exit_layers: bool = False
     log: bool = False
 
+    def __post_init__(self) -> None:
+        if self.exit_layers:
+            return  # the run's exit layers are the values
+        if not self.low <= self.default <= self.high or self.step <= 0:
+            raise ValueError(f"knob {self.name!r}: need low <= default <= high and step > 0, got {self}")
+        if self.integer and (self.step != int(self.step) or self.step < 1):
+            raise ValueError(f"knob {self.name!r} is an integer: its step must be a whole number >= 1, not {self.step}")
 
 @runtime_checkable
 class TunablePolicy(Protocol):

@@ -205,7 +205,8 @@ class Registry:
                     if impl.plugin_name != name:
                         continue
                     hooks_used.append(hook_name)
-                    impl.function(register=self._stager(kind, name, version, staged))
+                    offered = {"register": self._stager(kind, name, version, staged)}
+                    impl.function(**{arg: offered[arg] for arg in impl.argnames})  # a hookimpl may take a subset
             self._commit(staged)
         except Exception as err:
             self.manager.unregister(name=name)
@@ -234,7 +235,7 @@ class Registry:
             if owner is not None:
                 raise DuplicateNameError(
                     f"{_label(entry.kind)} {entry.name!r} is registered by both "
-                    f"{owner.plugin!r} and {entry.plugin!r}; rename one or disable a plugin with MHEE_PLUGINS"
+                    f"{owner.plugin!r} and {entry.plugin!r}; rename one or switch one off with MHEE_DISABLE_PLUGINS"
                 )
             seen[key] = entry
         for entry in seen.values():

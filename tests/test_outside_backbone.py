@@ -52,6 +52,8 @@ class ByteMixer:
     def start(self, texts, prefix=None, system=None) -> LayerState:
         if not texts:
             raise ValueError("start() needs at least one prompt")
+        if prefix is not None:
+            raise ValueError("byte-mixer takes no soft-token prefix (it has no adapters)")
         rows = [list(((system or "") + text).encode())[-self.max_bytes :] or [PAD] for text in texts]
         width = max(len(row) for row in rows)
         ids = torch.tensor([[PAD] * (width - len(row)) + row for row in rows])  # left padding

@@ -217,3 +217,13 @@ def test_conformance_suite_accepts_builtin_policies_and_rejects_a_batch_dependen
 
     with pytest.raises(ContractError, match="depends on the other rows"):
         check_exit_policy(BatchMean())
+
+
+def test_a_hookimpl_may_take_no_arguments(registry):
+    class Quiet:
+        @hookimpl
+        def register_exit_policies(self):  # pluggy lets an implementation take any subset of the arguments
+            pass
+
+    registry.add_plugin(Quiet(), name="quiet")
+    assert "quiet" in [p.name for p in registry.plugins] and registry.failures == []
