@@ -8,7 +8,10 @@ is comparable too.
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +21,13 @@ from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
 
 from mhee_sdk.data.log import InteractionLog
 from mhee_sdk.hookspecs import hookimpl
-from mhee_sdk.types import Request
+from mhee_sdk.interfaces import Baseline, require
+from mhee_sdk.metrics import quality
+from mhee_sdk.types import Prediction, Request
+
+if TYPE_CHECKING:
+    from mhee_sdk.evaluation import Experiment, RunResult
+    from mhee_sdk.store import Store
 
 
 class Popularity:
@@ -148,6 +157,44 @@ def platt(valid_scores: np.ndarray, valid_labels: np.ndarray):
     """A 1-D logistic calibration fitted on validation scores; returns ``scores -> probabilities``."""
     model = LogisticRegression().fit(np.asarray(valid_scores).reshape(-1, 1), np.asarray(valid_labels))
     return lambda scores: model.predict_proba(np.asarray(scores).reshape(-1, 1))[:, 1]
+
+
+def score_baseline(
+    experiment: Experiment, name: str, params: dict[str, Any], store: Store | None, requests: Sequence[Request]
+) -> RunResult:
+    """Fit baseline `name` on the experiment's train split, calibrate on its valid sample, score `requests`."""
+    import pandas as pd
+
+    from mhee_sdk.evaluation import RunResult
+
+    entry, implied = experiment.registry.get("baseline", name)
+    accepted = inspect.signature(entry.factory).parameters
+    c = experiment.config  # what an experiment can hand a baseline; each gets the ones its factory names
+    offered = {"users": experiment.tables.users, "items": experiment.tables.items, "retriever": experiment.retriever,
+               "train_requests": c.train_requests, "k": c.k, "seed": c.seed}  # fmt: skip
+    extras = {k: v for k, v in offered.items() if k in accepted and k not in params}
+    baseline = entry.factory(**implied, **extras, **params)
+    require(baseline, Baseline, f"baseline {name!r}:")
+    started = time.perf_counter()
+    baseline.fit(experiment.tables.split("train"), experiment.dataset.log)
+    valid = experiment.dataset.requests("valid", limit=c.valid_requests, seed=c.seed)
+    calibrate = platt(baseline.score(valid), [r.label for r in valid])
+    probs = calibrate(baseline.score(requests))
+    seconds = time.perf_counter() - started
+    metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
+    predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
+    run_id = None
+    if store is not None:
+        config = {"baseline": name, "baseline_params": params, "dataset": c.dataset, "split": c.split, "seed": c.seed}
+        with store.recording(config, [], 0, name=name, kind="baseline",
+                             requests_key=experiment.requests_key(requests)) as run_id:  # fmt: skip
+            store.append_batch(run_id, {"predictions": pd.DataFrame({
+                "request_id": [r.request_id for r in requests], "user": [r.user for r in requests],
+                "item": [r.item for r in requests], "label": [r.label for r in requests], "prob": probs,
+                "exit_layer": 0, "latency_s": seconds / len(requests)})})  # fmt: skip
+            store.add_metrics(run_id, metrics)
+            store.add_timing(run_id, "fit+score", seconds, len(requests))
+    return RunResult(name, run_id, predictions, metrics, seconds)
 
 
 @hookimpl

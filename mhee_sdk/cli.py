@@ -57,7 +57,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mhee_sdk.demo import run_demo
 
-    run_demo(samples=args.samples, out_dir=args.out, backbone=args.backbone)
+    run_demo(samples=args.samples, out_dir=args.out, backbone=args.backbone, dtype=args.dtype, device=args.device)
     return 0
 
 
@@ -68,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mhee_sdk.store import Store
 
     config = RunConfig.from_toml(args.config)
+    config = config.replace(**{name: getattr(args, name) for name in ("dtype", "device") if getattr(args, name)})
     store = Store.open(args.store)
     result = evaluate(config, store=store)
     print(format_runs(runs_table(store, [result.run_id])))
@@ -109,6 +110,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_precision_options(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """--dtype and --device (the backbone's precision and where it runs)."""
+    from mhee_sdk.config import DTYPE_NAMES
+
+    parser.add_argument("--dtype", default=default, choices=DTYPE_NAMES,
+                        help="backbone precision (auto: bfloat16 where the hardware runs it natively, else float32)")
+    parser.add_argument("--device", default=default, help="cpu, cuda or cuda:N (auto: CUDA when present)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mhee`."""
     parser = argparse.ArgumentParser(prog="mhee", description=__doc__)
@@ -128,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=None, help="test requests to score (default: see output)")
     demo.add_argument("--out", default="demo_out", help="folder for the DuckDB file and plots")
     demo.add_argument("--backbone", default=None, help="registered backbone name (default smollm2-135m; tiny: quick)")
+    add_precision_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("eval", help="evaluate one run config (TOML) and record it in the store")
     run.add_argument("config", help="path to a TOML run config (see docs/cli.md)")
     run.add_argument("--store", default="mhee_runs.duckdb", help="DuckDB store file")
+    add_precision_options(run, default=None)
     run.set_defaults(func=cmd_eval)
 
     tune = sub.add_parser("finetune", help="LoRA / soft-token fine-tuning with the exit-head loss (CPU: < 1 h)")

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mhee_sdk.interfaces import SPLITS
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON-ready data; an object that is not plain data becomes ``{"__object__": "module.Class", ...}``."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    kind = type(value)
+    return {"__object__": f"{kind.__module__}.{kind.__qualname__}", "repr": repr(value)[:120]}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 @dataclass
@@ -35,6 +52,8 @@ class RunConfig:
     prompt_tokens: int = 160
     backbone: str = "smollm2-135m"
     backbone_params: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # float32, bfloat16, float16; auto: what the hardware runs natively (see docs/concepts.md)
+    device: str = "auto"  # cpu, cuda, cuda:N; auto: CUDA when present
     head: str = "linear"
     head_params: dict[str, Any] = field(default_factory=dict)
     exit_layers: list[int] | None = None  # default: every 3rd layer and the last
@@ -53,6 +72,10 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "k" else 1):
                 raise ValueError(f"{name}={value!r} must be a {'non-negative' if name == 'k' else 'positive'} integer")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; choose from: {', '.join(DTYPE_NAMES)}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
         for name in ("dataset_params", "retriever_params", "backbone_params", "head_params", "policy_params"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table/dict, got {getattr(self, name)!r}")
@@ -67,14 +90,36 @@ class RunConfig:
         return cls(**values)
 
     @classmethod
+    def coerce(cls, config: RunConfig | dict[str, Any] | str | os.PathLike | None) -> RunConfig:
+        """A RunConfig from a RunConfig, a dict, a TOML file path, or None (the defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, RunConfig):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if isinstance(config, str | os.PathLike):
+            return cls.from_toml(config)
+        raise TypeError(f"a run config is a RunConfig, dict or TOML path, not {type(config).__name__}")
+
+    @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a TOML file."""
         with Path(path).open("rb") as handle:
             return cls.from_dict(tomllib.load(handle))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (what the store keeps as JSON)."""
-        return dataclasses.asdict(self)
+        """Plain-data form (what the store keeps as JSON); live objects become descriptions (see `reproducible`)."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def describe(self, name: str) -> Any:
+        """One field as plain data (live objects described)."""
+        return plain(getattr(self, name))
+
+    @property
+    def reproducible(self) -> bool:
+        """False when a parameter is a live object (e.g. a LlamaIndex retriever): the config alone cannot rebuild it."""
+        return "__object__" not in json.dumps(self.to_dict())
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys)."""
@@ -83,6 +128,11 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def backbone_options(self) -> dict[str, Any]:
+        """The backbone factory's keyword arguments: ``backbone_params`` plus dtype/device unless left on auto."""
+        chosen = {name: getattr(self, name) for name in ("dtype", "device") if getattr(self, name) != "auto"}
+        return {**self.backbone_params, **chosen}
 
     @property
     def label(self) -> str:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from mhee_sdk.adapters import adapter_dir
+from mhee_sdk.backbones.hf import HFBackbone, auto_dtype
 from mhee_sdk.config import RunConfig
-from mhee_sdk.evaluation import Experiment
+from mhee_sdk.evaluation import Experiment, describe
 from mhee_sdk.report import format_runs, runs_table, write_plots
 from mhee_sdk.store import Store
 
@@ -57,11 +58,19 @@ def demo_backbone(requested: str | None = None) -> tuple[str, str]:
     )
 
 
-def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backbone: str | None = None) -> Path:
+def run_demo(
+    samples: int | None = None,
+    out_dir: str | Path = "demo_out",
+    backbone: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> Path:
     """Run the demo; returns the store path. `samples` overrides the number of test requests."""
     name, why = demo_backbone(backbone)
     print(why)
-    config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name)
+    config = DEMO_CONFIG.replace(
+        eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name, dtype=dtype, device=device
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -73,15 +82,21 @@ def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backb
         flush=True,
     )
     experiment = Experiment(config)
+    line = f"backbone {describe(experiment.backbone)}"
+    if config.dtype == "auto" and isinstance(experiment.backbone, HFBackbone):
+        chosen, why = auto_dtype(experiment.backbone.device)
+        line += f" (precision auto: {why})" if chosen == experiment.backbone.dtype else ""
+    print(line, flush=True)
     report = experiment.fit_heads()
     if report is not None:
         best = max(report.valid_auc, key=report.valid_auc.get)
         print(f"heads trained: best valid AUC {report.valid_auc[best]:.3f} at layer {best}, "
               f"last layer {report.valid_auc[experiment.heads.layers[-1]]:.3f}", flush=True)  # fmt: skip
     store = Store.open(out / "mhee_runs.duckdb")
-    run_ids = [experiment.run("never", store=store, name="full depth").run_id]
-    for policy, params in DEMO_POLICIES:
-        run_ids.append(experiment.run(policy, params, store=store).run_id)
+    # every policy runs batch by batch beside full depth: their speedups are measured side by side
+    names = ["full depth"] + [""] * len(DEMO_POLICIES)
+    runs = experiment.run_many([("never", {}), *DEMO_POLICIES], store=store, names=names)
+    run_ids = [run.run_id for run in runs]
     for baseline in DEMO_BASELINES:
         run_ids.append(experiment.run_baseline(baseline, store=store).run_id)
     table = runs_table(store, run_ids)

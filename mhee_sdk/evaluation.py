@@ -1,113 +1,171 @@
 """Run a config end to end: data -> retriever -> prompts -> backbone + heads -> policy -> store.
 
-:class:`Experiment` builds the expensive parts once (fitted retriever, loaded backbone, trained heads)
-so a notebook can evaluate many policies on the same requests; :func:`evaluate` is the one-call form.
+An :class:`Experiment` builds its pieces lazily (the dataset, the fitted retriever, the backbone and
+the heads are made when first needed, each announced), so constructing one is instant and a notebook
+can evaluate many policies on the same requests. :meth:`Experiment.run_many` runs several policies
+batch by batch, interleaved, so their speedups over full depth come from the same moments of the
+machine; :func:`evaluate` is the one-call form.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from mhee_sdk.adapters import save_adapter
-from mhee_sdk.baselines import platt
 from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder
-from mhee_sdk.engine import BatchResult, EarlyExitEngine
+from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
-from mhee_sdk.exits.heads import build_heads, check_head_output
+from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output
 from mhee_sdk.exits.policies import FULL_DEPTH
-from mhee_sdk.finetune import (
-    FinetuneConfig,
-    FinetuneReport,
-    finetune,
-    forward_seconds,
-    lora_weights,
-    training_minutes,
-)
-from mhee_sdk.interfaces import (
-    AdaptedBackbone,
-    Backbone,
-    Baseline,
-    CalibratedPolicy,
-    Dataset,
-    ExitPolicy,
-    Retriever,
-    TrainableBackbone,
-    require,
-)
-from mhee_sdk.metrics import quality, summarize
+from mhee_sdk.interfaces import AdaptedBackbone, Backbone, CalibratedPolicy, Dataset, ExitPolicy, Retriever, require
+from mhee_sdk.metrics import summarize
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
 from mhee_sdk.types import Prediction, Request, Retrieved
 
+PolicySpec = str | tuple[str, dict[str, Any]] | ExitPolicy
+
+
+def describe(backbone: Backbone) -> str:
+    """What the backbone is and runs on, in one line."""
+    precision = str(backbone.dtype).removeprefix("torch.")
+    return f"{backbone.name}: {backbone.num_layers} layers, {precision} on {backbone.device}"
+
 
 @dataclass
 class RunResult:
-    """What one evaluated policy produced."""
+    """What one evaluated policy produced: metrics and counts; ``frame`` has one row per request."""
 
     label: str
     run_id: str | None
-    predictions: list[Prediction]
-    metrics: dict[str, float]
+    predictions: list[Prediction] = field(repr=False)
+    metrics: dict[str, float] = field(repr=False)
     seconds: float
+
+    def __repr__(self) -> str:
+        shown = [f"{len(self.predictions)} requests"]
+        for key, text in (("auc", "AUC {:.3f}"), ("mean_exit_layer", "mean exit layer {:.1f}"),
+                          ("layer_savings", "layer savings {:.2f}x"), ("speedup", "speedup {:.2f}x")):  # fmt: skip
+            if key in self.metrics and np.isfinite(self.metrics[key]):
+                shown.append(text.format(self.metrics[key]))
+        return f"RunResult({self.label!r}, run_id={self.run_id!r}, {', '.join(shown)})"
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """One row per request: id, P(like), exit layer, latency and the head outputs up to the exit."""
+        return pd.DataFrame([asdict(p) for p in self.predictions])
 
 
 class Experiment:
-    """The prepared pipeline of a :class:`RunConfig`; evaluate any number of policies with :meth:`run`."""
+    """The pipeline of a run config, built lazily; evaluate any number of policies with :meth:`run`.
+
+    Args:
+        config: a ``RunConfig``, a dict, a TOML file path, or None for the defaults.
+        registry: where plugins are looked up (default: the process-wide one).
+        progress: announce each heavy step and show progress bars (False: silent).
+        cache_dir: hidden-state cache (default ``$MHEE_HOME/hidden``).
+        **overrides: config fields, e.g. ``Experiment(backbone="tiny", eval_requests=50)``.
+    """
 
     def __init__(
         self,
-        config: RunConfig,
+        config: RunConfig | dict[str, Any] | str | os.PathLike | None = None,
         registry: Registry | None = None,
         progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        **overrides: Any,
     ) -> None:
-        self.config = config
-        self.cache_dir = cache_dir  # hidden-state cache; default $MHEE_HOME/hidden
+        self.config = RunConfig.coerce(config).replace(**overrides) if overrides else RunConfig.coerce(config)
         self.registry = registry or get_registry()
         self.progress = progress
-        create = self.registry.create
-        self.dataset: Dataset = create("dataset", config.dataset, **config.dataset_params)
-        require(self.dataset, Dataset, f"dataset {config.dataset!r}:")
-        self.tables = self.dataset.load()
-        self.retriever: Retriever = create("retriever", config.retriever, **config.retriever_params)
-        require(self.retriever, Retriever, f"retriever {config.retriever!r}:")
-        self.retriever.fit(self.tables.split("train"), self.dataset.log)
-        self.backbone = self._build_backbone(config)
-        self.builder = PromptBuilder(
-            self.tables.users,
-            self.tables.items,
-            max_tokens=config.prompt_tokens,
-            count_tokens=self.backbone.count_tokens,
-        )
-        self.heads = build_heads(
-            config.head, self.backbone, config.exit_layers, self.registry, seed=config.seed, **config.head_params
-        )
-        self.collaborative = None
-        if self.heads.needs_features or self.soft_tokens is not None:
-            self.collaborative = CollaborativeFeatures().fit(
-                self.tables.split("train"), self.dataset.log, self.retriever
-            )
+        self.cache_dir = cache_dir
         self.train_report: TrainReport | None = None
+        self._heads_ready = False  # trained, loaded, or needing no training
         self._valid: tuple[np.ndarray, np.ndarray] | None = None
-        self._full_depth_seconds: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        c = self.config
+        built = [name for name in ("tables", "retriever", "backbone", "heads") if name in self.__dict__]
+        state = "heads trained" if self._heads_ready else "heads not trained yet"
+        return (f"Experiment(dataset={c.dataset!r}, retriever={c.retriever!r}, backbone={c.backbone!r}, "
+                f"head={c.head!r}, eval={c.eval_requests} {c.split} requests; built: {', '.join(built) or 'nothing'};"
+                f" {state})")  # fmt: skip
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(f"mhee: {message}", file=sys.stderr, flush=True)
+
+    # -------------------------------------------------------------- the pieces, built when first needed
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The dataset (registry name ``config.dataset``)."""
+        dataset = self.registry.create("dataset", self.config.dataset, **self.config.dataset_params)
+        require(dataset, Dataset, f"dataset {self.config.dataset!r}:")
+        return dataset
+
+    @cached_property
+    def tables(self):
+        """The dataset's interactions, users and items."""
+        self._say(f"loading dataset {self.config.dataset}")
+        return self.dataset.load()
+
+    @cached_property
+    def retriever(self) -> Retriever:
+        """The retriever, fitted on the train split."""
+        retriever = self.registry.create("retriever", self.config.retriever, **self.config.retriever_params)
+        require(retriever, Retriever, f"retriever {self.config.retriever!r}:")
+        train = self.tables.split("train")
+        self._say(f"fitting retriever {self.config.retriever} on {len(train):,} train interactions")
+        retriever.fit(train, self.dataset.log)
+        return retriever
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        """The backbone (registry name ``config.backbone``, with dtype/device unless left on auto)."""
+        self._say(f"loading backbone {self.config.backbone}")
+        return self._build_backbone(self.config)
 
     def _build_backbone(self, config: RunConfig) -> Backbone:
-        backbone = self.registry.create("backbone", config.backbone, **config.backbone_params)
+        backbone = self.registry.create("backbone", config.backbone, **config.backbone_options())
         require(backbone, Backbone, f"backbone {config.backbone!r}:")
         return backbone
+
+    @cached_property
+    def builder(self) -> PromptBuilder:
+        """Writes each request's prompt within the token budget."""
+        return PromptBuilder(self.tables.users, self.tables.items, max_tokens=self.config.prompt_tokens,
+                             count_tokens=self.backbone.count_tokens)  # fmt: skip
+
+    @cached_property
+    def heads(self) -> ExitHeads:
+        """The exit heads (untrained until :meth:`fit_heads` or :meth:`load_heads`)."""
+        c = self.config
+        heads = build_heads(c.head, self.backbone, c.exit_layers, self.registry, seed=c.seed, **c.head_params)
+        self._heads_ready = not heads.trainable
+        return heads
+
+    @cached_property
+    def collaborative(self) -> CollaborativeFeatures | None:
+        """Collaborative features for heads that read them (or soft tokens), else None."""
+        if not self.heads.needs_features and self.soft_tokens is None:
+            return None
+        return CollaborativeFeatures().fit(self.tables.split("train"), self.dataset.log, self.retriever)
 
     @property
     def system(self) -> str | None:
@@ -150,8 +208,8 @@ class Experiment:
     def requests_key(self, requests: Sequence[Request]) -> str:
         """Identifies runs that are comparable (same requests, prompts, model, heads); only the policy differs."""
         c = self.config
-        parts = [c.dataset, c.dataset_params, c.retriever, c.retriever_params, c.k, c.prompt_tokens,
-                 self.backbone.fingerprint, c.head, c.head_params, self.heads.layers, c.seed,
+        parts = [c.dataset, c.describe("dataset_params"), c.retriever, c.describe("retriever_params"), c.k,
+                 c.prompt_tokens, self.backbone.fingerprint, c.head, c.head_params, self.heads.layers, c.seed,
                  [r.request_id for r in requests]]  # fmt: skip
         if self.system is not None:  # older keys (before the system message left the backbone) stay valid
             parts.append(self.system)
@@ -173,17 +231,49 @@ class Experiment:
         if not self.heads.trainable:
             return None
         train_config = train_config or TrainConfig(seed=self.config.seed, progress=self.progress)
+        self._say(f"training {self.config.head} heads on {self.config.train_requests} train requests")
         x_train, y_train, f_train = self.features("train", self.config.train_requests)
         x_valid, y_valid, f_valid = self.features("valid", self.config.valid_requests)
         self.train_report = fit_heads(
             self.heads, x_train, y_train, x_valid, y_valid, self.backbone.num_layers, train_config, f_train, f_valid
         )
-        self._valid = None
+        self._heads_ready, self._valid = True, None
         return self.train_report
+
+    def _ensure_heads(self) -> None:
+        if not self._heads_ready and self.heads.trainable:  # the heavy step, when first needed
+            self.fit_heads()
+
+    def save_heads(self, path: str | os.PathLike) -> Path:
+        """Save the trained heads with what they were trained on (backbone fingerprint, kind, layers)."""
+        self._ensure_heads()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": {k: v.cpu() for k, v in self.heads.state_dict().items()}, "kind": self.heads.kind,
+                    "layers": self.heads.layers, "head_params": dict(self.config.head_params),
+                    "fingerprint": self.backbone.fingerprint, "system": self.system,
+                    "valid_auc": None if self.train_report is None else self.train_report.valid_auc}, path)  # fmt: skip
+        return path
+
+    def load_heads(self, path: str | os.PathLike) -> None:
+        """Load heads saved by :meth:`save_heads`; they must come from this backbone (same fingerprint)."""
+        saved = torch.load(Path(path), weights_only=True)
+        if saved["fingerprint"] != self.backbone.fingerprint:
+            raise ValueError(
+                f"heads in {path} were trained on backbone {saved['fingerprint']!r}, but this experiment runs "
+                f"{self.backbone.fingerprint!r}; train them here with fit_heads() or use the backbone they came from"
+            )
+        heads = build_heads(saved["kind"], self.backbone, saved["layers"], self.registry, **saved["head_params"])
+        heads.load_state_dict(saved["state"])
+        self.__dict__["heads"] = heads.eval()
+        self.config = self.config.replace(head=saved["kind"], exit_layers=list(saved["layers"]),
+                                          head_params=saved["head_params"])  # fmt: skip
+        self._heads_ready, self._valid = True, None
 
     def valid_outputs(self) -> tuple[np.ndarray, np.ndarray]:
         """Head outputs ``[N, L]`` and labels on the validation sample (for calibrating policies)."""
         if self._valid is None:
+            self._ensure_heads()
             hidden, labels, extra = self.features("valid", self.config.valid_requests)
             device = self.backbone.device
             extra = None if extra is None else torch.as_tensor(extra, device=device)
@@ -197,150 +287,185 @@ class Experiment:
             self._valid = (np.stack(columns, axis=1), labels)
         return self._valid
 
-    def make_policy(self, name: str, params: dict[str, Any] | None = None) -> ExitPolicy:
-        """A registered policy; one that calibrates (and is not yet) is calibrated on the validation outputs."""
-        policy = self.registry.create("exit_policy", name, **(params or {}))
+    def make_policy(self, name: str | ExitPolicy, params: dict[str, Any] | None = None, **kwargs: Any) -> ExitPolicy:
+        """A policy by name and parameters (or an object, used as is); one that calibrates is calibrated on valid."""
+        if isinstance(name, str):
+            policy = self.registry.create("exit_policy", name, **{**(params or {}), **kwargs})
+        elif params or kwargs:
+            raise ValueError(f"parameters {sorted({**(params or {}), **kwargs})} go with a policy name, not an object")
+        else:
+            policy = name
         require(policy, ExitPolicy, f"exit policy {name!r}:")
         if isinstance(policy, CalibratedPolicy) and not policy.is_calibrated:
             probs, labels = self.valid_outputs()
             policy.calibrate(probs, labels, self.heads.layers)
         return policy
 
-    def finetune(self, name: str, settings: FinetuneConfig | None = None) -> FinetuneReport:
-        """Fine-tune (LoRA / soft tokens) on the train sample, save adapter `name`, re-fit the heads.
-
-        Afterwards the experiment runs a fresh backbone built with the saved adapter (its name and
-        fingerprint say so; ``config.backbone_params["adapter"]`` names it). ``settings.max_minutes``
-        bounds the whole job: the training loop gets what is left after the frozen head fit and a timed
-        estimate of the re-fit (new hidden states of train + valid).
-        """
-        started = time.perf_counter()
-        if not isinstance(self.backbone, TrainableBackbone) or not isinstance(self.backbone, AdaptedBackbone):
-            raise TypeError(f"backbone {self.backbone.name!r} cannot be fine-tuned (needs a torch model and adapters)")
-        if self.backbone.adapter is not None:
-            raise ValueError(f"backbone {self.backbone.name!r} already has an adapter; fine-tune its base model")
-        settings = settings or FinetuneConfig(seed=self.config.seed, progress=self.progress)
-        if self.heads.trainable and self.train_report is None:
-            self.fit_heads()  # heads start from the frozen fit (and keep its standardization)
-        requests = self.dataset.requests("train", limit=self.config.train_requests, seed=self.config.seed)
-        texts, retrieved = self.prompts(requests)
-        budget = settings.max_minutes
-        if budget is not None:
-            refit = 0.0  # untrained heads (verbalizer) need no re-fit
-            if self.heads.trainable:
-                rows = len(requests) + self.config.valid_requests
-                per_request = forward_seconds(self.backbone, texts, self.heads.layers[-1], system=self.system)
-                refit = 1.2 * rows * per_request / 60
-            spent = (time.perf_counter() - started) / 60
-            settings = replace(settings, max_minutes=training_minutes(budget, spent, refit))
-        collab = None
-        if settings.soft_tokens:
-            if self.collaborative is None:
-                self.collaborative = CollaborativeFeatures().fit(
-                    self.tables.split("train"), self.dataset.log, self.retriever
-                )
-            collab = self.collaborative.embeddings(requests)
-        labels = [r.label for r in requests]
-        features = self.extra_features(requests, retrieved)
-        report, soft = finetune(
-            self.backbone, self.heads, texts, labels, settings, features, collab, system=self.system
-        )
-        record = {
-            "base": self.backbone.fingerprint, "config": asdict(settings), "steps": report.steps,
-            "minutes": report.minutes, "first_loss": report.first_loss,  # means over 20 steps: one batch is noise
-            "last_loss": report.last_loss, "run_config": self.config.to_dict(), "train_requests": len(requests),
-            "job_budget_minutes": budget,
-        }  # fmt: skip
-        save_adapter(name, lora_weights(self.backbone), soft, record)
+    def use_adapter(self, name: str) -> None:
+        """Run from now on a freshly loaded backbone with saved adapter `name` (heads kept: re-fit them)."""
         self.config = self.config.replace(backbone_params={**self.config.backbone_params, "adapter": name})
-        self.backbone = self._build_backbone(self.config)  # the model above carries injected LoRA layers: start fresh
+        for built in ("backbone", "builder", "collaborative"):
+            self.__dict__.pop(built, None)
         self.heads.to(self.backbone.device)
-        if self.collaborative is None and self.soft_tokens is not None:
-            self.collaborative = CollaborativeFeatures().fit(
-                self.tables.split("train"), self.dataset.log, self.retriever
-            )
-        self._valid = None
-        self.fit_heads()
-        return report
+        self._heads_ready, self._valid = not self.heads.trainable, None
+
+    def finetune(self, name: str, settings=None):
+        """Fine-tune (LoRA / soft tokens), save adapter `name`, re-fit the heads; see ``mhee_sdk.finetune``."""
+        from mhee_sdk.finetune import finetune_experiment
+
+        return finetune_experiment(self, name, settings)
 
     # -------------------------------------------------------------- running
     def run(
         self,
-        policy: str | None = None,
+        policy: str | ExitPolicy | None = None,
         params: dict[str, Any] | None = None,
+        *,
         store: Store | None = None,
         requests: Sequence[Request] | None = None,
         name: str = "",
+        **policy_params: Any,
     ) -> RunResult:
-        """Evaluate one policy on the evaluation requests; logs to `store` when given."""
-        name_ = policy or self.config.policy
-        params = dict(self.config.policy_params if policy is None else (params or {}))
-        config = self.config.replace(policy=name_, policy_params=params, name=name or "")
-        policy_obj = self.make_policy(name_, params)
-        if isinstance(policy_obj, CalibratedPolicy):  # the stored config rebuilds the calibrated policy
-            config.policy_params = {**params, **policy_obj.calibrated_params()}
+        """Evaluate one policy on the evaluation requests; logs to `store` when given.
+
+        ``run("max-prob", threshold=0.7)`` or ``run("max-prob", {"threshold": 0.7})``; default: the config's.
+        A speedup is reported only by :meth:`run_many` with full depth among the policies (measured interleaved).
+        """
+        if policy is None:
+            policy, params = self.config.policy, {**self.config.policy_params, **(params or {})}
+        spec = policy if not isinstance(policy, str) else (policy, {**(params or {}), **policy_params})
+        return self.run_many([spec], store=store, requests=requests, names=[name])[0]
+
+    def run_many(
+        self,
+        policies: Sequence[PolicySpec],
+        store: Store | None = None,
+        requests: Sequence[Request] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[RunResult]:
+        """Evaluate several policies on the same requests, batch by batch in rotating order.
+
+        Each policy's engine time is the sum of its batches; with full depth (``never``) among the
+        policies, each gets ``speedup`` = full-depth time / its time, and the spread of the per-batch
+        ratios (``speedup_p25``, ``speedup_p75``): measured side by side, not a lone wall-clock pair.
+        """
+        self._ensure_heads()
+        prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
+                                                                     strict=True)]  # fmt: skip
         requests = list(requests) if requests is not None else self.requests()
         texts, retrieved = self.prompts(requests)
         key = self.requests_key(requests)
-        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
-        inputs = {"features": self.extra_features(requests, retrieved), "prefix": self.prefix(requests)}
-        seconds = 0.0
-
-        def log_batch(batch: BatchResult) -> None:
-            nonlocal seconds
-            seconds += batch.seconds
+        features, prefix = self.extra_features(requests, retrieved), self.prefix(requests)
+        engines = [EarlyExitEngine(self.backbone, self.heads, policy, system=self.system) for _, _, policy in prepared]
+        size = self.config.batch_size
+        chunks = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
+        times = np.zeros((len(chunks), len(prepared)))
+        predictions: list[dict[int, Prediction]] = [{} for _ in prepared]
+        with ExitStack() as stack:
+            run_ids = [None] * len(prepared)
             if store is not None:
-                self._log_batch(store, run_id, batch, requests, texts, retrieved)
+                for j, (config, label, _) in enumerate(prepared):
+                    run_ids[j] = stack.enter_context(store.recording(
+                        self._record(config), self.heads.layers, self.backbone.num_layers, name=label,
+                        requests_key=key))  # fmt: skip
+            bar = stack.enter_context(tqdm(total=len(requests) * len(prepared), disable=not self.progress,
+                                           desc=f"evaluating {len(prepared)} policies", leave=False))  # fmt: skip
+            for b, chunk in enumerate(chunks):
+                for j in np.roll(np.arange(len(prepared)), -b):  # rotate who goes first: no policy always runs cold
+                    started = time.perf_counter()
+                    out = engines[j].run_batch([texts[i] for i in chunk], [requests[i].request_id for i in chunk],
+                                               None if features is None else features[chunk],
+                                               None if prefix is None else prefix[chunk])  # fmt: skip
+                    times[b, j] = time.perf_counter() - started
+                    predictions[j].update(zip(chunk, out, strict=True))
+                    if store is not None:
+                        self._log_batch(store, run_ids[j], chunk, out, requests, texts, retrieved)
+                    bar.update(len(chunk))
+            results = []
+            full = next((j for j, (stored, _, _) in enumerate(prepared) if stored.policy == FULL_DEPTH), None)
+            for j, (_, label, _) in enumerate(prepared):
+                ordered = [predictions[j][i] for i in range(len(requests))]
+                metrics = self._metrics(requests, ordered, times[:, j], None if full is None else times[:, full])
+                if store is not None:
+                    store.add_metrics(run_ids[j], metrics)
+                    store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
+                results.append(RunResult(label, run_ids[j], ordered, metrics, float(times[:, j].sum())))
+        return results
 
-        run_id = None
-        if store is None:
-            predictions = self._run_engine(engine, texts, requests, inputs, log_batch)
-            metrics = self._metrics(requests, predictions, seconds, key, name_, None)
+    def _prepare(self, spec: PolicySpec, name: str) -> tuple[RunConfig, str, ExitPolicy]:
+        """The run's config (policy and parameters as stored), its label, and the policy object."""
+        if isinstance(spec, str):
+            spec = (spec, {})
+        if isinstance(spec, tuple):
+            policy_name, params = spec
+            policy = self.make_policy(policy_name, params)
         else:
-            with store.recording(config.to_dict(), self.heads.layers, self.backbone.num_layers,
-                                 name=config.label, requests_key=key) as run_id:  # fmt: skip
-                predictions = self._run_engine(engine, texts, requests, inputs, log_batch)
-                metrics = self._metrics(requests, predictions, seconds, key, name_, store)
-                store.add_metrics(run_id, metrics)
-                store.add_timing(run_id, "engine", seconds, len(requests))
-        return RunResult(config.label, run_id, predictions, metrics, seconds)
+            policy, policy_name, params = self.make_policy(spec), spec.name, {"object": repr(spec)}
+        if isinstance(policy, CalibratedPolicy):  # the stored config rebuilds the calibrated policy
+            params = {**params, **policy.calibrated_params()}
+        config = self.config.replace(policy=policy_name, policy_params=params, name=name or "")
+        return config, config.label, policy
 
-    def _run_engine(self, engine, texts, requests, inputs, on_batch) -> list[Prediction]:
-        return engine.run(
-            texts, [r.request_id for r in requests], batch_size=self.config.batch_size, progress=self.progress,
-            on_batch=on_batch, **inputs,
-        )  # fmt: skip
+    def predict(self, requests: Sequence[Request] | pd.DataFrame, policy: PolicySpec | None = None) -> pd.DataFrame:
+        """P(like) and exit layer for requests without labels (new traffic): a DataFrame, one row per request.
 
-    def _log_batch(self, store, run_id, result: BatchResult, requests, texts, retrieved) -> None:
-        batch, out = [requests[i] for i in result.positions], result.predictions
-        texts, retrieved = [texts[i] for i in result.positions], [retrieved[i] for i in result.positions]
-        store.append(run_id, "predictions", pd.DataFrame({
-            "request_id": [r.request_id for r in batch], "user": [r.user for r in batch],
-            "item": [r.item for r in batch], "label": [r.label for r in batch], "prob": [p.prob for p in out],
-            "exit_layer": [p.exit_layer for p in out], "latency_s": [p.latency_s for p in out]}))  # fmt: skip
+        `requests`: Request objects, or a DataFrame with ``user, item, ts`` (ids as in the dataset) and
+        optionally ``request_id``. The policy defaults to the config's.
+        """
+        if isinstance(requests, pd.DataFrame):
+            missing = {"user", "item", "ts"} - set(requests.columns)
+            if missing:
+                raise ValueError(f"predict() needs the columns user, item, ts; missing {sorted(missing)}")
+            ids = requests["request_id"] if "request_id" in requests else range(len(requests))
+            requests = [Request(int(i), int(u), int(it), -1, int(t))
+                        for i, u, it, t in zip(ids, requests["user"], requests["item"], requests["ts"], strict=True)]
+        self._ensure_heads()
+        spec = policy or (self.config.policy, self.config.policy_params)
+        _, _, policy_obj = self._prepare(spec, "")
+        texts, retrieved = self.prompts(requests)
+        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
+        out = engine.run(texts, [r.request_id for r in requests], batch_size=self.config.batch_size,
+                         progress=self.progress, features=self.extra_features(requests, retrieved),
+                         prefix=self.prefix(requests))  # fmt: skip
+        return pd.DataFrame({"request_id": [r.request_id for r in requests], "user": [r.user for r in requests],
+                             "item": [r.item for r in requests], "ts": [r.ts for r in requests],
+                             "prob": [p.prob for p in out], "exit_layer": [p.exit_layer for p in out],
+                             "latency_s": [p.latency_s for p in out]})  # fmt: skip
+
+    def _record(self, config: RunConfig) -> dict[str, Any]:
+        """The config a run stores, with what the backbone actually ran on (auto dtype/device resolved)."""
+        actual = {"name": self.backbone.name, "dtype": str(self.backbone.dtype).removeprefix("torch."),
+                  "device": str(self.backbone.device), "fingerprint": self.backbone.fingerprint}  # fmt: skip
+        return {**config.to_dict(), "backbone_runtime": actual, "reproducible": config.reproducible}
+
+    def _log_batch(self, store, run_id, chunk, out, requests, texts, retrieved) -> None:
+        batch = [requests[i] for i in chunk]
         layers = self.heads.layers
-        store.append(run_id, "layer_outputs", pd.DataFrame(
-            [(p.request_id, layers[j], self.config.head, prob) for p in out for j, prob in enumerate(p.layer_probs)],
-            columns=["request_id", "layer", "head", "prob"]))  # fmt: skip
-        store.append(run_id, "requests", pd.DataFrame({
-            "request_id": [r.request_id for r in batch], "prompt": list(texts),
-            "retrieved": [json.dumps([asdict(x) for x in found]) for found in retrieved]}))  # fmt: skip
+        store.append_batch(run_id, {
+            "predictions": pd.DataFrame({
+                "request_id": [r.request_id for r in batch], "user": [r.user for r in batch],
+                "item": [r.item for r in batch], "label": [r.label for r in batch], "prob": [p.prob for p in out],
+                "exit_layer": [p.exit_layer for p in out], "latency_s": [p.latency_s for p in out]}),
+            "layer_outputs": pd.DataFrame(
+                [(p.request_id, layers[j], self.config.head, prob)
+                 for p in out for j, prob in enumerate(p.layer_probs)],
+                columns=["request_id", "layer", "head", "prob"]),
+            "requests": pd.DataFrame({
+                "request_id": [r.request_id for r in batch], "prompt": [texts[i] for i in chunk],
+                "retrieved": [json.dumps([asdict(x) for x in retrieved[i]]) for i in chunk]}),
+        })  # fmt: skip
 
-    def _metrics(self, requests, predictions, seconds, key, policy_name, store) -> dict[str, float]:
+    def _metrics(self, requests, predictions, seconds: np.ndarray, full: np.ndarray | None) -> dict[str, float]:
         metrics = summarize(
             [r.label for r in requests], [p.prob for p in predictions], [r.user for r in requests],
             [p.exit_layer for p in predictions], self.backbone.num_layers,
         )  # fmt: skip
-        metrics["seconds"] = seconds
-        metrics["requests_per_s"] = len(requests) / seconds
-        if policy_name == FULL_DEPTH:
-            self._full_depth_seconds[key] = seconds
-        full = self._full_depth_seconds.get(key)
-        if full is None and store is not None:
-            found = store.full_depth_runs(key, same_requests_only=True)
-            full = store.engine_seconds(found[0]) if found else None
-        if full is not None:
-            metrics["speedup"] = full / seconds
+        metrics["seconds"] = float(seconds.sum())
+        metrics["requests_per_s"] = len(requests) / float(seconds.sum())
+        if full is not None:  # measured in the same run, batch by batch: the per-batch ratios give the spread
+            ratios = full / seconds
+            metrics["speedup"] = float(full.sum() / seconds.sum())
+            metrics["speedup_p25"], metrics["speedup_p75"] = (float(x) for x in np.percentile(ratios, [25, 75]))
         return metrics
 
     def run_baseline(
@@ -349,45 +474,16 @@ class Experiment:
         params: dict[str, Any] | None = None,
         store: Store | None = None,
         requests: Sequence[Request] | None = None,
+        **kwargs: Any,
     ) -> RunResult:
         """Score a registered classic baseline on the same requests (Platt-calibrated on validation)."""
-        entry, implied = self.registry.get("baseline", name)
-        params = dict(params or {})
-        accepted = inspect.signature(entry.factory).parameters
-        # what an experiment can hand a baseline; each gets the ones its factory accepts
-        c = self.config
-        offered = {"users": self.tables.users, "items": self.tables.items, "retriever": self.retriever,
-                   "train_requests": c.train_requests, "k": c.k, "seed": c.seed}  # fmt: skip
-        extras = {k: v for k, v in offered.items() if k in accepted and k not in params}
-        baseline = entry.factory(**implied, **extras, **params)
-        require(baseline, Baseline, f"baseline {name!r}:")
-        started = time.perf_counter()
-        baseline.fit(self.tables.split("train"), self.dataset.log)
-        valid = self.dataset.requests("valid", limit=self.config.valid_requests, seed=self.config.seed)
-        calibrate = platt(baseline.score(valid), [r.label for r in valid])
+        from mhee_sdk.baselines import score_baseline
+
         requests = list(requests) if requests is not None else self.requests()
-        probs = calibrate(baseline.score(requests))
-        seconds = time.perf_counter() - started
-        metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
-        predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
-        run_id = None
-        if store is not None:
-            config = {"baseline": name, "baseline_params": params, "dataset": self.config.dataset,
-                      "split": self.config.split, "seed": self.config.seed}  # fmt: skip
-            with store.recording(config, [], 0, name=name, kind="baseline",
-                                 requests_key=self.requests_key(requests)) as run_id:  # fmt: skip
-                store.append(run_id, "predictions", pd.DataFrame({
-                    "request_id": [r.request_id for r in requests], "user": [r.user for r in requests],
-                    "item": [r.item for r in requests], "label": [r.label for r in requests], "prob": probs,
-                    "exit_layer": 0, "latency_s": seconds / len(requests)}))  # fmt: skip
-                store.add_metrics(run_id, metrics)
-                store.add_timing(run_id, "fit+score", seconds, len(requests))
-        return RunResult(name, run_id, predictions, metrics, seconds)
+        return score_baseline(self, name, {**(params or {}), **kwargs}, store, requests)
 
 
-def evaluate(config: RunConfig | dict[str, Any], store: Store | None = None, progress: bool = True) -> RunResult:
+def evaluate(config: RunConfig | dict[str, Any] | str | os.PathLike, store: Store | None = None,
+             progress: bool = True) -> RunResult:  # fmt: skip
     """Prepare `config`, train its heads, and evaluate its policy (one call; see Experiment for many policies)."""
-    config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
-    experiment = Experiment(config, progress=progress)
-    experiment.fit_heads()
-    return experiment.run(store=store)
+    return Experiment(config, progress=progress).run(store=store)

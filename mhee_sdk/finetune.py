@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mhee_sdk.adapters import SoftTokens
+from mhee_sdk.adapters import SoftTokens, save_adapter
 from mhee_sdk.exits.heads import ExitHeads
-from mhee_sdk.interfaces import Backbone, TrainableBackbone
+from mhee_sdk.interfaces import AdaptedBackbone, Backbone, TrainableBackbone
 from mhee_sdk.loop import LayerLoop
 from mhee_sdk.train import depth_lr
+
+if TYPE_CHECKING:
+    from mhee_sdk.evaluation import Experiment
 
 
 @dataclass
@@ -215,3 +219,52 @@ def training_minutes(budget: float, spent: float, after: float) -> float:
             "fewer training requests (--train-requests)"
         )
     return left
+
+
+def finetune_experiment(experiment: Experiment, name: str, settings: FinetuneConfig | None = None) -> FinetuneReport:
+    """Fine-tune an experiment's backbone on its train sample, save adapter `name`, re-fit the heads.
+
+    Afterwards the experiment runs a fresh backbone built with the saved adapter (its name and fingerprint
+    say so; ``config.backbone_params["adapter"]`` names it). ``settings.max_minutes`` bounds the whole job:
+    the training loop gets what is left after the frozen head fit and a timed estimate of the re-fit (new
+    hidden states of train + valid).
+    """
+    started = time.perf_counter()
+    backbone, config = experiment.backbone, experiment.config
+    if not isinstance(backbone, TrainableBackbone) or not isinstance(backbone, AdaptedBackbone):
+        raise TypeError(f"backbone {backbone.name!r} cannot be fine-tuned (needs a torch model and adapters)")
+    if backbone.adapter is not None:
+        raise ValueError(f"backbone {backbone.name!r} already has an adapter; fine-tune its base model")
+    settings = settings or FinetuneConfig(seed=config.seed, progress=experiment.progress)
+    if experiment.heads.trainable and experiment.train_report is None:
+        experiment.fit_heads()  # heads start from the frozen fit (and keep its standardization)
+    requests = experiment.dataset.requests("train", limit=config.train_requests, seed=config.seed)
+    texts, retrieved = experiment.prompts(requests)
+    budget = settings.max_minutes
+    if budget is not None:
+        refit = 0.0  # untrained heads (verbalizer) need no re-fit
+        if experiment.heads.trainable:
+            rows = len(requests) + config.valid_requests
+            per_request = forward_seconds(backbone, texts, experiment.heads.layers[-1], system=experiment.system)
+            refit = 1.2 * rows * per_request / 60
+        spent = (time.perf_counter() - started) / 60
+        settings = replace(settings, max_minutes=training_minutes(budget, spent, refit))
+    collab = None
+    if settings.soft_tokens:
+        from mhee_sdk.exits.features import CollaborativeFeatures
+
+        train = experiment.tables.split("train")
+        collab = CollaborativeFeatures().fit(train, experiment.dataset.log, experiment.retriever).embeddings(requests)
+    features = experiment.extra_features(requests, retrieved)
+    labels = [r.label for r in requests]
+    report, soft = finetune(backbone, experiment.heads, texts, labels, settings, features, collab,
+                            system=experiment.system)  # fmt: skip
+    record = {
+        "base": backbone.fingerprint, "config": asdict(settings), "steps": report.steps, "minutes": report.minutes,
+        "first_loss": report.first_loss, "last_loss": report.last_loss,  # means over 20 steps: one batch is noise
+        "run_config": config.to_dict(), "train_requests": len(requests), "job_budget_minutes": budget,
+    }  # fmt: skip
+    save_adapter(name, lora_weights(backbone), soft, record)
+    experiment.use_adapter(name)  # the model above carries injected LoRA layers: start again from a fresh load
+    experiment.fit_heads()
+    return report

@@ -11,7 +11,8 @@ import pandas as pd
 from mhee_sdk import plots
 from mhee_sdk.store import Store
 
-COLUMNS = ["name", "kind", "auc", "gauc", "logloss", "mean_exit_layer", "speedup", "requests", "run_id"]
+COLUMNS = ["name", "kind", "auc", "gauc", "logloss", "mean_exit_layer", "layer_savings", "speedup", "speedup_p25",
+           "speedup_p75", "requests", "run_id"]  # fmt: skip
 
 
 def runs_table(store: Store, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
@@ -29,15 +30,26 @@ def runs_table(store: Store, run_ids: Sequence[str] | None = None) -> pd.DataFra
 
 
 def format_runs(table: pd.DataFrame) -> str:
-    """Fixed-width text table: name, AUC, GAUC, LogLoss, mean exit layer, measured speedup."""
+    """Fixed-width text table: name, AUC, GAUC, LogLoss, mean exit layer, layer savings, measured speedup.
+
+    The speedup is measured beside full depth in the same run (``Experiment.run_many``), with the
+    middle half of its per-batch ratios; runs without one show "-".
+    """
     width = max([len("run"), *(len(str(name)) for name in table["name"])]) + 2
-    lines = [f"{'run':<{width}}{'AUC':>7}{'GAUC':>7}{'LogLoss':>9}{'mean exit':>11}{'speedup':>9}  run_id"]
+    lines = [f"{'run':<{width}}{'AUC':>7}{'GAUC':>7}{'LogLoss':>9}{'mean exit':>11}{'savings':>9}"
+             f"{'speedup (p25-p75)':>20}  run_id"]  # fmt: skip
     for row in table.itertuples():
-        exit_text = "-" if row.kind == "baseline" else f"{row.mean_exit_layer:.1f}"
-        speed = "-" if pd.isna(row.speedup) else f"{row.speedup:.2f}x"
+        llm = row.kind != "baseline"
+        exit_text = f"{row.mean_exit_layer:.1f}" if llm else "-"
+        savings = f"{row.layer_savings:.2f}x" if llm and pd.notna(row.layer_savings) else "-"
+        speed = "-"
+        if pd.notna(row.speedup):
+            speed = f"{row.speedup:.2f}x"
+            if pd.notna(row.speedup_p25):
+                speed += f" ({row.speedup_p25:.2f}-{row.speedup_p75:.2f})"
         lines.append(
-            f"{row.name!s:<{width}}{row.auc:>7.3f}{row.gauc:>7.3f}{row.logloss:>9.3f}{exit_text:>11}{speed:>9}"
-            f"  {row.run_id}"
+            f"{row.name!s:<{width}}{row.auc:>7.3f}{row.gauc:>7.3f}{row.logloss:>9.3f}{exit_text:>11}{savings:>9}"
+            f"{speed:>20}  {row.run_id}"
         )
     return "\n".join(lines)
 

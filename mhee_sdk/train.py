@@ -72,7 +72,9 @@ def collect_hidden(
     layers = check_exit_layers(layers, backbone.num_layers)
     folder = Path(cache_dir) if cache_dir is not None else assets.home() / "hidden"
     folder.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone.fingerprint, layers, texts, prefix, system)
+    # the same weights compute slightly different states on another device type: keep their caches apart
+    where = "" if backbone.device.type == "cpu" else f"@{backbone.device.type}"
+    key = cache_key(backbone.fingerprint + where, layers, texts, prefix, system)
     final, partial, progress_file = (folder / f"{key}{ext}" for ext in (".npy", ".partial.npy", ".partial.json"))
     if final.is_file():
         return np.load(final, mmap_mode="r")

@@ -7,77 +7,25 @@ than most prompts, and the scalings and soft-caps are set large enough that leav
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 
 import pytest
 import torch
 import transformers as hf
 
 from mhee_sdk.backbones.families import TESTED_FAMILIES, DecoderStack
+from mhee_sdk.backbones.tiny import FAMILIES, family_config
 from mhee_sdk.interfaces import LayerState
 
 WINDOW = 6
 LENGTHS = (13, 4, 21, 9)  # tokens per prompt; the batch is padded to 21
-_COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    initializer_range=0.1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+CONFIGS = {family: partial(family_config, family, vocab_size=96, window=WINDOW) for family in FAMILIES}
+_COMMON = {k: v for k, v in CONFIGS["llama"]().to_dict().items() if k in (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "initializer_range", "pad_token_id",
+    "bos_token_id", "eos_token_id")}  # fmt: skip
 _GQA = dict(num_key_value_heads=2)
-
-CONFIGS: dict[str, Callable[[], hf.PretrainedConfig]] = {
-    "llama": lambda: hf.LlamaConfig(**_COMMON, **_GQA, num_hidden_layers=3),
-    "mistral": lambda: hf.MistralConfig(**_COMMON, **_GQA, num_hidden_layers=3, sliding_window=WINDOW),
-    "qwen2": lambda: hf.Qwen2Config(**_COMMON, **_GQA, num_hidden_layers=3),
-    # layer 0 full attention, layers 1-2 sliding
-    "qwen2-sliding": lambda: hf.Qwen2Config(
-        **_COMMON, **_GQA, num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
-    ),
-    "qwen3": lambda: hf.Qwen3Config(**_COMMON, **_GQA, num_hidden_layers=3, head_dim=16),
-    "gemma": lambda: hf.GemmaConfig(**_COMMON, **_GQA, num_hidden_layers=3, head_dim=16),
-    "gemma2": lambda: hf.Gemma2Config(
-        **_COMMON,
-        **_GQA,
-        num_hidden_layers=4,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=WINDOW,
-        attn_logit_softcapping=1.0,
-        final_logit_softcapping=2.0,
-    ),
-    "gemma3": lambda: hf.Gemma3TextConfig(
-        **_COMMON,
-        **_GQA,
-        num_hidden_layers=4,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        final_logit_softcapping=2.0,
-    ),
-    "phi3": lambda: hf.Phi3Config(
-        **_COMMON, **_GQA, num_hidden_layers=3, sliding_window=WINDOW, partial_rotary_factor=0.5
-    ),
-    # the family of our choice: other module names, LayerNorm with bias, parallel attention + MLP, partial rotary
-    "gpt_neox": lambda: hf.GPTNeoXConfig(**_COMMON, num_hidden_layers=3, rotary_pct=0.25, use_parallel_residual=True),
-    "granite": lambda: hf.GraniteConfig(
-        **_COMMON,
-        **_GQA,
-        num_hidden_layers=3,
-        embedding_multiplier=6.0,
-        logits_scaling=4.0,
-        residual_multiplier=0.5,
-        attention_multiplier=0.25,
-    ),
-    "cohere": lambda: hf.CohereConfig(**_COMMON, **_GQA, num_hidden_layers=3, logit_scale=0.25, use_qk_norm=True),
-}
 # Gemma2 declares no SDPA support (SDPA cannot soft-cap attention logits)
 CASES = [(family, kind) for family in CONFIGS for kind in ("eager", "sdpa") if (family, kind) != ("gemma2", "sdpa")]
 SLIDING = ["mistral", "qwen2-sliding", "gemma2", "gemma3", "phi3"]

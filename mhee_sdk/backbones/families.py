@@ -110,6 +110,10 @@ class DecoderStack:
         self._logit_scale = _LOGIT_SCALE[self.model_type](config) if self.model_type in _LOGIT_SCALE else None
         self._softcap = getattr(config, "final_logit_softcapping", None)
 
+    def compile_layers(self) -> None:
+        """Run each decoder layer through ``torch.compile`` from now on (dynamic shapes: batches shrink)."""
+        self._layers = nn.ModuleList(torch.compile(layer, dynamic=True) for layer in self._layers)
+
     @property
     def tested(self) -> bool:
         """True for the families the test suite checks against the model's own forward."""
@@ -173,6 +177,11 @@ class DecoderStack:
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    @property
+    def logit_scaling(self) -> tuple[float, float | None]:
+        """``(multiplier, soft cap)`` that `scale_logits` applies: the family's, else ``(1.0, None)``."""
+        return (1.0 if self._logit_scale is None else float(self._logit_scale), self._softcap)
 
     @property
     def final_norm_module(self) -> nn.Module:

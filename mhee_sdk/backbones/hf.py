@@ -1,9 +1,9 @@
-"""A transformers causal LM run one decoder layer at a time (Llama-family: Llama, SmolLM2, Mistral, Qwen2/3).
+"""A transformers decoder-only causal LM run one decoder layer at a time (any family ``DecoderStack`` runs).
 
-The loop is the model's own ``forward`` unrolled: embed, rotary tables, a causal mask, then
-``layer(hidden, attention_mask, position_embeddings, position_ids)`` per layer. Prompts are left
-padded, so every row's last real token sits in the last column; positions count real tokens only, so
-a row's result does not depend on how much padding its batch needed.
+The loop is the model's own ``forward`` unrolled through the family's own pieces
+(``mhee_sdk.backbones.families.DecoderStack``): embed, rotary tables and masks per layer kind, then one
+decoder layer per ``step``. Prompts are left padded, so every row's last real token sits in the last
+column; positions count real tokens only, so a row's result does not depend on its batch's padding.
 """
 
 from __future__ import annotations
@@ -20,39 +20,85 @@ from torch import nn
 
 from mhee_sdk import assets
 from mhee_sdk.adapters import Adapter, load_adapter
+from mhee_sdk.backbones.families import DecoderStack
 from mhee_sdk.hookspecs import hookimpl
 from mhee_sdk.interfaces import LayerState
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("int8",)
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device; None or ``auto`` means CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu, cuda or cuda:N") from err
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """A torch dtype from its name (``float32``, ``bfloat16``, ``float16``); None means float32."""
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (Linux); empty elsewhere."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return set()
+    for line in path.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The precision ``auto`` picks on `device`, and why.
+
+    bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AMX-BF16 or
+    AVX512-BF16: bench/layers.py measures it), float32 elsewhere (on a CPU without those units bf16 is
+    emulated and slower than float32).
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name(device)} computes bfloat16 natively"
+        return torch.float32, f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    if device.type == "cpu":
+        native = sorted(set(NATIVE_BF16_CPU_FLAGS) & cpu_flags())
+        if native:
+            return torch.bfloat16, f"the CPU has {', '.join(native)}"
+        return torch.float32, "the CPU has no AMX-BF16 / AVX512-BF16, so bfloat16 would be emulated (slower)"
+    return torch.float32, f"float32 is the safe choice on {device.type}"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from its name (float32, bfloat16, float16); None means float32, ``auto`` see `auto_dtype`."""
     if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return auto_dtype(device or resolve_device(None))[0]
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not supported; choose from: {', '.join(DTYPES)}")
+    raise ValueError(f"dtype {dtype!r} is not supported; choose from: auto, {', '.join(DTYPES)}")
 
 
 class HFBackbone:
-    """Layer-by-layer wrapper around a transformers ``*ForCausalLM`` (Llama-style decoder).
+    """Layer-by-layer wrapper around a transformers ``*ForCausalLM``.
 
     Args:
-        model: the causal LM (its ``.model`` needs ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``).
+        model: the causal LM, of a family ``DecoderStack`` can run (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi3,
+            GPT-NeoX, Granite, Cohere are tested; others are checked against their own forward when loaded).
         tokenizer: its tokenizer; a chat template, when present, wraps each prompt.
         name: registry name, used in fingerprints and reports.
-        device: default CUDA when available, else CPU.
-        dtype: precision of the weights and hidden states (default float32).
-        fingerprint: identifies the weights (default: a hash of the model config); the adapter and dtype are added.
+        device: ``auto`` (default): CUDA when available, else CPU.
+        dtype: precision of the weights and hidden states: float32 (default), bfloat16, float16, or ``auto``
+            (bfloat16 where the hardware computes it natively, see `auto_dtype`).
+        fingerprint: identifies the weights (default: a hash of the model config); adapter and precision are added.
         adapter: a fine-tuned adapter (``mhee_sdk.adapters.load_adapter``) applied to the model at construction.
+        compile: run each decoder layer through ``torch.compile`` (dynamic shapes; the first batches pay the
+            compilation).
+        quantize: ``int8``: dynamic int8 quantisation of the linear layers (CPU, float32 activations).
+        autocast: keep float32 weights and run the layers under ``torch.autocast`` in bfloat16.
     """
 
     def __init__(
@@ -64,21 +110,30 @@ class HFBackbone:
         dtype: str | torch.dtype | None = None,
         fingerprint: str | None = None,
         adapter: Adapter | None = None,
+        compile: bool = False,
+        quantize: str | None = None,
+        autocast: bool = False,
     ) -> None:
-        base = getattr(model, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if base is None or not all(hasattr(base, attr) for attr in needed):
-            raise TypeError(
-                f"{type(model).__name__} is not a Llama-style causal LM (needs model.{', model.'.join(needed)}); "
-                "the hf backbone supports Llama, SmolLM2, Mistral and Qwen2/3 models"
-            )
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        int8_ok = (quantize in QUANTIZE, self.device.type, self.dtype) == (True, "cpu", torch.float32)
+        if quantize is not None and not int8_ok:
+            raise ValueError(f"quantize={quantize!r}: only 'int8' on the CPU in float32 is supported")
+        if autocast and self.dtype != torch.float32:
+            raise ValueError(f"autocast keeps float32 weights and computes in bfloat16: it needs float32, not {dtype}")
         self.adapter = adapter
         if adapter is not None:
             adapter.apply_lora(model)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.base = base
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if quantize == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.stack = DecoderStack(self.model)  # TypeError naming what is missing for a family it cannot run
+        if compile:
+            self.stack.compile_layers()
+        self._autocast = autocast
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -86,8 +141,10 @@ class HFBackbone:
         self.num_layers = int(model.config.num_hidden_layers)
         self.hidden_size = int(model.config.hidden_size)
         fingerprint = fingerprint or f"{name}:{_config_digest(model)}"
-        if self.dtype != torch.float32:  # float32 keeps the fingerprints (and caches) of earlier versions
-            fingerprint += f":{str(self.dtype).removeprefix('torch.')}"
+        # what computed the hidden states; plain float32 keeps the fingerprints (and caches) of earlier versions
+        for tag, on in ((str(self.dtype).removeprefix("torch."), self.dtype != torch.float32), ("compiled", compile),
+                        (str(quantize), quantize is not None), ("autocast-bf16", autocast)):  # fmt: skip
+            fingerprint += f":{tag}" if on else ""
         if adapter is not None:
             name, fingerprint = f"{name}+lora:{adapter.name}", f"{fingerprint}+lora:{adapter.name}:{adapter.digest}"
         self.name = name
@@ -102,8 +159,12 @@ class HFBackbone:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         adapter: Adapter | None = None,
+        **options: object,
     ) -> HFBackbone:
-        """Load from a local folder or the local HF cache; never downloads (``local_files_only``)."""
+        """Load from a local folder or the local HF cache; never downloads (``local_files_only``).
+
+        options: ``compile``, ``quantize``, ``autocast`` (see the class).
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
@@ -121,7 +182,13 @@ class HFBackbone:
         manifest = Path(path) / ".complete.json"  # written by `mhee assets install`: holds the weights' hash
         digest = json.loads(manifest.read_text())["model.safetensors"][:16] if manifest.is_file() else None
         fingerprint = f"{label}:{digest}" if digest else None
-        return cls(model, tokenizer, name=label, device=device, dtype=dtype, fingerprint=fingerprint, adapter=adapter)
+        backbone = cls(
+            model, tokenizer, name=label, device=device, dtype=dtype, fingerprint=fingerprint, adapter=adapter,
+            **options,
+        )  # fmt: skip
+        if not backbone.stack.tested:  # a family outside the test suite: compare with its own forward once
+            backbone.stack.verify()
+        return backbone
 
     def __repr__(self) -> str:
         return (
@@ -130,10 +197,18 @@ class HFBackbone:
         )
 
     # -------------------------------------------------------------- text
+    @property
+    def plain_prompts(self) -> bool:
+        """True without a chat template: prompts then get the tokenizer's special tokens (BOS: Gemma needs it)."""
+        return not self.tokenizer.chat_template
+
     def format(self, text: str, system: str | None = None) -> str:
-        """Wrap a prompt in the chat template (if the tokenizer has one), ready for the answer token."""
+        """Wrap a prompt in the chat template (if the tokenizer has one), ready for the answer token.
+
+        Without a template the system message goes first, then the prompt, then ``Answer:``.
+        """
         if not self.tokenizer.chat_template:
-            return text + "\nAnswer:"
+            return (text if system is None else f"{system}\n\n{text}") + "\nAnswer:"
         messages = [{"role": "user", "content": text}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
@@ -148,8 +223,20 @@ class HFBackbone:
         return len(self.tokenizer(self.format("", system), add_special_tokens=False)["input_ids"])
 
     def answer_token_ids(self, words: Sequence[str] = ("Yes", "No")) -> list[int]:
-        """First token id of each answer word as the model would write it after the prompt."""
-        return [self.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
+        """First token id of each answer word as the model would write it after the prompt.
+
+        After a chat template's assistant turn the word starts the text; after a plain ``Answer:`` it
+        follows a space (`` Yes``), unless the tokenizer makes the space a token of its own.
+        """
+        ids = []
+        for word in words:
+            first = None
+            if self.plain_prompts:
+                first = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+                if not self.tokenizer.decode([first]).strip():
+                    first = None
+            ids.append(first if first is not None else self.tokenizer(word, add_special_tokens=False)["input_ids"][0])
+        return ids
 
     # -------------------------------------------------------------- layers
     def start(
@@ -164,38 +251,31 @@ class HFBackbone:
         if not texts:
             raise ValueError("start() needs at least one prompt")
         batch = self.tokenizer(
-            [self.format(t, system) for t in texts], padding=True, return_tensors="pt", add_special_tokens=False
-        )
+            [self.format(t, system) for t in texts], padding=True, return_tensors="pt",
+            add_special_tokens=self.plain_prompts,
+        )  # fmt: skip
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
-        hidden = self.base.embed_tokens(ids)  # [B, T, H]
+        hidden = self.stack.embed(ids)  # [B, T, H]
         if prefix is not None:
             if prefix.shape[0] != len(texts) or prefix.shape[2] != self.hidden_size:
                 raise ValueError(f"prefix must be [{len(texts)}, S, {self.hidden_size}], got {tuple(prefix.shape)}")
             hidden = torch.cat([prefix.to(device=self.device, dtype=hidden.dtype), hidden], dim=1)
             mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, 2, ...
-        cos, sin = self.base.rotary_emb(hidden, positions)
-        extras = {"cos": cos, "sin": sin, "positions": positions}
-        if not bool(mask.all()):
-            # Without padding no mask is needed: attention then takes the faster built-in causal path.
-            # Rows removed later keep whichever form their batch started with; both give the same result.
-            extras["attn"] = _additive_mask(mask, hidden.dtype)
-        return LayerState(hidden=hidden, mask=mask, extras=extras)
+        # rotary tables and masks, batch first; without padding the mask is left to the attention's causal path
+        return LayerState(hidden=hidden, mask=mask, extras=self.stack.prepare(hidden, mask, positions))
 
     def step(self, state: LayerState) -> LayerState:
         """Run decoder layer ``state.layers_done + 1`` on every row of the batch."""
         if state.layers_done >= self.num_layers:
             raise ValueError(f"all {self.num_layers} layers already ran")
-        layer = self.base.layers[state.layers_done]
-        out = layer(
-            state.hidden,
-            attention_mask=state.extras.get("attn"),
-            position_embeddings=(state.extras["cos"], state.extras["sin"]),
-            position_ids=state.extras["positions"],
-        )
+        if self._autocast:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                hidden = self.stack.layer(state.layers_done, state.hidden, state.extras).float()
+        else:
+            hidden = self.stack.layer(state.layers_done, state.hidden, state.extras)
         self.rows_evaluated += state.batch_size
-        hidden = out[0] if isinstance(out, tuple) else out
         return replace(state, hidden=hidden, layers_done=state.layers_done + 1)
 
     def pooled(self, state: LayerState) -> torch.Tensor:
@@ -204,26 +284,19 @@ class HFBackbone:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's final norm (what its LM head reads)."""
-        return self.base.norm(hidden)
+        return self.stack.final_norm(hidden)
 
     def lm_head_rows(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Rows of the LM head for the given tokens, ``[len(token_ids), H]`` (a copy)."""
-        return self.model.get_output_embeddings().weight[list(token_ids)].detach().clone()
+        return self.stack.lm_head.weight[list(token_ids)].detach().clone()
 
     def final_norm_module(self) -> nn.Module:
         """The final norm module itself (heads copy it)."""
-        return self.base.norm
+        return self.stack.final_norm_module
 
-
-def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, T, T]`` additive mask: causal, real keys only; padding queries see themselves (no NaNs)."""
-    length = mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    allowed = causal[None] & mask.bool()[:, None, :]  # [B, T(query), T(key)]
-    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)[None]
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return additive[:, None]
+    def logit_scaling(self) -> tuple[float, float | None]:
+        """``(multiplier, soft cap)`` the family applies to raw LM-head outputs (``(1.0, None)`` for most)."""
+        return self.stack.logit_scaling
 
 
 def _config_digest(model: nn.Module) -> str:
@@ -236,20 +309,37 @@ def _adapter(adapter: str | Adapter | None) -> Adapter | None:
 
 
 def smollm2_135m(
-    device: str | None = None, dtype: str | None = None, adapter: str | Adapter | None = None
+    device: str | None = None,
+    dtype: str | None = "auto",
+    adapter: str | Adapter | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+    autocast: bool = False,
 ) -> HFBackbone:
     """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name."""
     return HFBackbone.from_pretrained(
-        assets.model_dir(assets.SMOLLM2), name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter)
-    )
+        assets.model_dir(assets.SMOLLM2), name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter),
+        compile=compile, quantize=quantize, autocast=autocast,
+    )  # fmt: skip
 
 
-def hf_model(spec: str, device: str | None = None, dtype: str | None = None, adapter: str | None = None) -> HFBackbone:
+def hf_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = "auto",
+    adapter: str | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+    autocast: bool = False,
+) -> HFBackbone:
     """A causal LM from a local folder or the local HF cache: ``hf:<path or id>``."""
-    return HFBackbone.from_pretrained(spec, name=f"hf:{spec}", device=device, dtype=dtype, adapter=_adapter(adapter))
+    return HFBackbone.from_pretrained(
+        spec, name=f"hf:{spec}", device=device, dtype=dtype, adapter=_adapter(adapter), compile=compile,
+        quantize=quantize, autocast=autocast,
+    )  # fmt: skip
 
 
-def smollm2_135m_lora(spec: str, device: str | None = None, dtype: str | None = None) -> HFBackbone:
+def smollm2_135m_lora(spec: str, device: str | None = None, dtype: str | None = "auto") -> HFBackbone:
     """SmolLM2-135M with the fine-tuned adapter ``$MHEE_HOME/adapters/<spec>`` (made by ``mhee finetune``)."""
     return smollm2_135m(device=device, dtype=dtype, adapter=spec)
 

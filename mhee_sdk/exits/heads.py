@@ -176,10 +176,13 @@ class VerbalizerHead(nn.Module):
         self.layer = layer
         self.norm = copy.deepcopy(backbone.final_norm_module()).float().requires_grad_(False)
         self.register_buffer("rows", backbone.lm_head_rows(backbone.answer_token_ids(words)).float())
+        self.multiplier, self.softcap = backbone.logit_scaling()  # the family's own (Gemma 2 soft-caps)
 
     def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Yes-logit minus No-logit, ``[B]`` (softmax over the pair = sigmoid of this)."""
-        scores = self.norm(hidden.float()) @ self.rows.T  # [B, 2]
+        scores = self.multiplier * (self.norm(hidden.float()) @ self.rows.T)  # [B, 2]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         return scores[:, 0] - scores[:, 1]
 
     def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
