@@ -302,12 +302,6 @@ class Store:
 
     def _inspect(self, con: duckdb.DuckDBPyConnection) -> int | None:
         """The file's schema version after checking it is an intact mhee store; None for an empty database."""
-        blocks = con.execute("SELECT block_size, total_blocks FROM pragma_database_size()").fetchall()[0]
-        if self.path.stat().st_size < blocks[0] * blocks[1]:
-            raise StoreError(
-                f"{self.path} is truncated ({self.path.stat().st_size} bytes, its header says "
-                f"{blocks[1]} blocks of {blocks[0]}); {_FIX_DAMAGED}"
-            )
         objects = con.execute(
             """SELECT table_name, table_type FROM information_schema.tables WHERE table_catalog = current_database()
                UNION ALL SELECT function_name, 'MACRO' FROM duckdb_functions()
@@ -355,17 +349,23 @@ class Store:
 
     @contextmanager
     def _connection(self, write: bool, doing: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; every DuckDB error leaves as a StoreError naming the file and the fix."""
-        con = self._connect(read_only=not write, doing=doing)
-        try:
-            yield con
-        except duckdb.Error as err:
-            raise self._error(err, doing) from err
-        finally:
+        """A short-lived connection; every DuckDB error leaves as a StoreError naming the file and the fix.
+
+        During a recorded run, Ctrl-C/SIGTERM wait until the connection is closed: DuckDB would turn an
+        exception raised inside a query into ``RuntimeError: Query interrupted``, and a write must not be
+        cut between its commit and the bookkeeping of what was committed.
+        """
+        with self._holding_interrupts():
+            con = self._connect(read_only=not write, doing=doing)
             try:
-                con.close()  # rolls back an uncommitted transaction; releases the file lock
+                yield con
             except duckdb.Error as err:
                 raise self._error(err, doing) from err
+            finally:
+                try:
+                    con.close()  # rolls back an uncommitted transaction; releases the file lock
+                except duckdb.Error as err:
+                    raise self._error(err, doing) from err
 
     def _connect(self, read_only: bool, doing: str) -> duckdb.DuckDBPyConnection:
         """Connect, waiting with jittered exponential backoff while another process holds the file."""
@@ -416,11 +416,11 @@ class Store:
         if isinstance(err, duckdb.PermissionException):
             return StoreError(f"{self.path}: store connections may not touch other files or extensions ({text})")
         if "read-only" in low:
-            return StoreError(f"{self.path} is read here ({text}); Store.query runs SELECT statements only")
-        if doing.startswith("query"):
-            return StoreError(f"query on {self.path} failed: {text}")
+            return StoreError(f"{self.path} is opened read-only here ({text}); it changes only through Store methods")
         if isinstance(err, duckdb.IOException | duckdb.SerializationException | duckdb.InternalException):
             return StoreError(f"{self.path} is not a readable DuckDB file or is damaged ({text}); {_FIX_DAMAGED}")
+        if doing.startswith("query"):
+            return StoreError(f"query on {self.path} failed: {text}")
         if isinstance(err, duckdb.CatalogException | duckdb.BinderException):
             return StoreError(f"{self.path} does not match the mhee store schema ({text}); {_FIX_DAMAGED}")
         return StoreError(f"DuckDB failed on {self.path} while {doing}: {text}")
@@ -615,7 +615,7 @@ class Store:
     def _write(self, run_id: str, doing: str, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> None:
         """One transaction: check the run is running, commit its queued batches and heartbeat, then `work`."""
         self._check_writable()
-        with self._holding_interrupts(), self._connection(write=True, doing=doing) as con:
+        with self._connection(write=True, doing=doing) as con:
             con.begin()
             self._check_running(con, run_id)
             queued = self._queued.get(run_id)
@@ -627,7 +627,7 @@ class Store:
             con.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", [_now(), run_id])
             work(con)
             con.commit()
-            self._queued.pop(run_id, None)  # interrupts are held: committed rows cannot be queued twice
+            self._queued.pop(run_id, None)  # interrupts are held, so committed rows cannot stay queued
             self._last_flush[run_id] = time.monotonic()
 
     @contextmanager
