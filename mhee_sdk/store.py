@@ -184,7 +184,7 @@ def abandoned_reason(pid: Any, host: Any, heartbeat: Any, created: Any, now: dat
     age = ((now or _now()) - pd.Timestamp(last).to_pydatetime()).total_seconds()
     if age <= HEARTBEAT_LIMIT_S:
         return None
-    who = "a process of mhee-sdk < 0.2 (no pid recorded)" if pd.isna(pid) else f"process {int(pid)} on {host}"
+    who = "a schema-1 writer (no pid recorded)" if pd.isna(pid) else f"process {int(pid)} on {host}"
     return f"no heartbeat from {who} for {age:.0f} s (limit {HEARTBEAT_LIMIT_S:g} s)"
 
 
@@ -640,7 +640,8 @@ class Store:
         try:
             yield
         except BaseException:
-            interrupts.state = "armed"
+            if interrupts.state == "holding":  # not an interrupt raised while waiting: stay interruptible
+                interrupts.state = "armed"
             raise
         interrupts.arm()  # raises an interrupt that arrived during the write, now that it is complete
 

@@ -413,7 +413,7 @@ def test_a_version_1_store_reads_read_only_and_migrates_when_writable(tmp_path):
     assert reader.schema_version == 1
     assert reader.runs()["auc"].tolist() == [0.7]
     assert reader.runs(include_failed=True)["status"].tolist() == ["finished", "abandoned"]
-    assert reader.run("stuck")["error"].startswith("no heartbeat from a process of mhee-sdk < 0.2")
+    assert reader.run("stuck")["error"].startswith("no heartbeat from a schema-1 writer (no pid recorded)")
     writer = Store.open(path)
     assert writer.schema_version == 2 and Store.open(path, read_only=True).schema_version == 2
     assert writer.run("stuck")["status"] == "failed"
