@@ -486,7 +486,7 @@ class Store:
         e.g. ``finish_run``), together with the run's heartbeat.
         """
         self._check_writable()
-        rows = {table: self._rows(run_id, table, frame) for table, frame in tables.items()}  # all checked first
+        rows = {table: self._rows(table, frame) for table, frame in tables.items()}  # all checked before any is queued
         queued = self._queued.setdefault(run_id, _Queued())
         for table, frame in rows.items():
             queued.frames.setdefault(table, []).append(frame)
@@ -620,9 +620,9 @@ class Store:
             self._check_running(con, run_id)
             queued = self._queued.get(run_id)
             for table, frames in (queued.frames if queued else {}).items():
-                columns = ", ".join(f'"{c}"' for c in _TABLES[table])
-                con.register("incoming", pd.concat(frames, ignore_index=True))
-                con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM incoming")
+                columns = ", ".join(f'"{c}"' for c in _COLUMNS[table])
+                con.register("incoming", pd.concat(frames, ignore_index=True)[_COLUMNS[table]])
+                con.execute(f"INSERT INTO {table} (run_id, {columns}) SELECT ?, {columns} FROM incoming", [run_id])
                 con.unregister("incoming")
             con.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", [_now(), run_id])
             work(con)
@@ -645,15 +645,13 @@ class Store:
             raise
         interrupts.arm()  # raises an interrupt that arrived during the write, now that it is complete
 
-    def _rows(self, run_id: str, table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    def _rows(self, table: str, frame: pd.DataFrame) -> pd.DataFrame:
         if table not in _COLUMNS:
             raise ValueError(f"table {table!r} is not appendable; choose from: {', '.join(_COLUMNS)}")
         missing = [c for c in _COLUMNS[table] if c not in frame.columns]
         if missing:
             raise ValueError(f"{table} rows lack columns {missing}")
-        rows = frame[_COLUMNS[table]].copy()
-        rows.insert(0, "run_id", run_id)
-        return rows
+        return frame.copy(deep=False)  # copy-on-write: later changes to the caller's frame do not reach the queue
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -125,16 +125,19 @@ def test_a_polling_reader_never_fails_the_writer_and_sees_whole_batches(tmp_path
     reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
     try:
-        # commit at most every 0.1 s (default 1 s): about one transaction per batch, much lock traffic
+        first = reader.stdout.readline()  # the reader is polling before the run starts
+        # commit at most every 0.1 s (default 1 s) and compute 10 ms per batch: much lock traffic
         store = Store.open(path, flush_seconds=0.1)
         started = time.perf_counter()
         with store.recording({"policy": "never"}, LAYERS, 9, name="polled") as run_id:
             for i in range(300):
+                time.sleep(0.01)
                 store.append_batch(run_id, _batch(np.arange(2 * i, 2 * i + 2)))
         seconds = time.perf_counter() - started
     finally:
         stop.touch()
         out, err = reader.communicate(timeout=60)
+        out = first + out
     assert store.run(run_id)["status"] == "finished"
     assert len(store.predictions(run_id)) == 600 and len(store.requests(run_id)) == 600
     snapshots = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
