@@ -7,9 +7,12 @@ file in it. Every step writes to a temporary name and renames when complete, so 
 resumes where it stopped, and install verifies everything in full, so running it again repairs.
 
 Loading checks cheaply (:func:`asset_file`, :func:`verified_model_dir`): small files are hashed in full;
-a large one is trusted only while its size, mtime and inode equal those recorded by its last full hash
-and a sample of its 1 MiB blocks (first, last, and random ones) still hash as recorded, so a changed file
-is hashed again and a damaged one raises :class:`AssetCorruptError`. :func:`verify` hashes everything.
+a large one is trusted only while its size, mtime, ctime and inode equal those recorded by its last full
+hash (taken well after the file last changed) and a sample of its 1 MiB blocks (first, last and random
+ones) still hash as recorded. Any write to the file, even one that restores its mtime, changes its
+ctime, so a changed file is hashed again and, if damaged, raises :class:`AssetCorruptError`; damage that
+bypasses the file system (bit rot) is caught when it falls in a sampled block, and always by
+:func:`verify`, which hashes everything.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +108,7 @@ _WEIGHTS = "model.safetensors"
 _BLOCK = 1 << 20
 _SMALL_FILE = 16 << 20  # files up to this size are hashed in full on every check
 _SAMPLED_BLOCKS = 6  # random 1 MiB blocks re-hashed per cheap check of a large file
+_RACY_NS = 3_000_000_000  # a file changed this close to its last full hash is hashed again
 
 
 def home() -> Path:
@@ -227,17 +232,31 @@ def _problem(path: Path, size: int | None, digest: str, full: bool = False) -> s
         return f"has {stat.st_size} bytes, expected {size} (truncated or changed)"
     if not full and stat.st_size > _SMALL_FILE:
         stamp = _read_stamp(path)
-        same = stamp is not None and [stamp.get(k) for k in ("sha256", "size", "mtime_ns", "inode")] == [
-            digest, stat.st_size, stat.st_mtime_ns, stat.st_ino]  # fmt: skip
-        if same and _sampled_blocks_match(path, stamp["blocks"]):
+        known = stamp is not None and stamp.get("identity") == _identity(stat, digest) and _trusted(stamp, stat)
+        if known and _sampled_blocks_match(path, stamp["blocks"]):
             return None
     found, blocks = _hash_blocks(path)
     if found != digest:
         return f"has SHA-256 {found[:12]}..., expected {digest[:12]}... (changed or damaged since install)"
     if stat.st_size > _SMALL_FILE and os.access(path.parent, os.W_OK):  # a read-only cache is hashed each time
-        stamp = {"sha256": found, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
-        _stamp_path(path).write_text(json.dumps({**stamp, "blocks": blocks}))
+        stamp = {"identity": _identity(stat, digest), "verified_ns": time.time_ns(), "blocks": blocks}
+        _stamp_path(path).write_text(json.dumps(stamp))
     return None
+
+
+def _identity(stat: os.stat_result, digest: str) -> list:
+    # ctime changes with any write and with os.utime, and user space cannot set it back
+    return [digest, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _trusted(stamp: dict, stat: os.stat_result) -> bool:
+    """Whether the file's times can vouch for it: it last changed well before it was hashed.
+
+    File times are coarse (a clock tick, or 2 s on some file systems), so a write just after the hash
+    could leave them equal; as git does for its index, a stamp that close to the file's change is not
+    trusted, and the file is hashed again.
+    """
+    return max(stat.st_mtime_ns, stat.st_ctime_ns) < int(stamp.get("verified_ns", 0)) - _RACY_NS
 
 
 def _stamp_path(path: Path) -> Path:
@@ -337,6 +356,7 @@ def _convert_model(log: Log) -> None:
     if (out / _COMPLETE).is_file():
         problems = verify([SMOLLM2])
         if not problems:
+            _pin_every_file(out)
             return
         log(f"the converted model is damaged ({problems[0]}); converting again")
     gguf = asset_file(SMOLLM2, ASSETS[SMOLLM2].files[0].filename)
@@ -374,6 +394,21 @@ def _convert_model(log: Log) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+
+
+def _pin_every_file(folder: Path) -> None:
+    """Pin every file of a verified model folder whose manifest (from an older install) pins the weights only."""
+    manifest = json.loads((folder / _COMPLETE).read_text())
+    if "files" in manifest:
+        return
+    manifest["files"] = {
+        item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
+        for item in sorted(folder.iterdir())
+        if item.is_file() and item.name != _COMPLETE and not item.name.endswith(".verified.json")
+    }
+    tmp = folder / (_COMPLETE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / _COMPLETE)
 
 
 def install(names: list[str] | None = None, log: Log = print) -> None:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +80,11 @@ def test_an_altered_or_truncated_data_file_is_refused_at_load(movielens_home):
     original = inter.read_bytes()
     assert assets.asset_file(assets.MOVIELENS, "ml-100k.inter") == inter
     inter.write_bytes(original.replace(b"\t5\t", b"\t1\t", 1))  # one rating changed, same size
-    with pytest.raises(assets.AssetCorruptError, match=r"ml-100k.inter has SHA-256 .*changed or damaged since "
-                       r"install\); run `mhee assets install movielens-100k` to repair it"):  # fmt: skip
+    with pytest.raises(
+        assets.AssetCorruptError,
+        match=r"ml-100k.inter has SHA-256 .*changed or damaged since "
+        r"install\); run `mhee assets install movielens-100k` to repair it",
+    ):
         MovieLens100K().load()
     inter.write_bytes(original[: len(original) // 2])
     with pytest.raises(assets.AssetCorruptError, match=r"has 989615 bytes, expected 1979230 \(truncated"):
@@ -103,15 +106,22 @@ def _fake_model(home: Path, weights: bytes, manifest_files: bool = True) -> Path
     return folder
 
 
-def _flip(path: Path, offset: int, keep_mtime: bool) -> None:
-    stat = path.stat()
+def _flip(path: Path, offset: int) -> None:
     with path.open("r+b") as handle:
         handle.seek(offset)
         byte = handle.read(1)
         handle.seek(offset)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    if keep_mtime:  # as silent damage on disk would: nothing tells the file changed
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _as_if_unchanged_since_verified(path: Path) -> None:
+    """Make the stamp vouch for the file as it is now: damage that bypassed the file system (bit rot)."""
+    stamp_path = path.with_name(path.name + ".verified.json")
+    stamp = json.loads(stamp_path.read_text())
+    stat = path.stat()
+    stamp["identity"][1:] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    stamp["verified_ns"] = time.time_ns() + 10**10
+    stamp_path.write_text(json.dumps(stamp))
 
 
 def test_changed_weights_are_caught_by_the_cheap_check(home):
@@ -119,22 +129,32 @@ def test_changed_weights_are_caught_by_the_cheap_check(home):
     folder = _fake_model(home, weights)
     path, digest = assets.verified_model_dir()
     assert path == folder and digest == assets.sha256(folder / "model.safetensors")
-    assert (folder / "model.safetensors.verified.json").is_file()  # the next check is cheap
+    stamp = folder / "model.safetensors.verified.json"
+    assert stamp.is_file()  # once the file is older than a few seconds, checks are cheap
 
-    _flip(folder / "model.safetensors", 25 << 20, keep_mtime=False)  # rewritten: mtime changes
-    with pytest.raises(assets.AssetCorruptError, match=rf"{folder}/model.safetensors has SHA-256 .*run `mhee assets "
-                       "install smollm2-135m` to repair it"):  # fmt: skip
+    _flip(folder / "model.safetensors", 25 << 20)  # any write changes ctime: hashed again
+    with pytest.raises(
+        assets.AssetCorruptError,
+        match=rf"{folder}/model.safetensors has SHA-256 .*run `mhee assets "
+        "install smollm2-135m` to repair it",
+    ):
         assets.verified_model_dir()
-    _flip(folder / "model.safetensors", 25 << 20, keep_mtime=False)  # flipped back: the same bytes again
+    _flip(folder / "model.safetensors", 25 << 20)  # flipped back: the same bytes again
     assets.verified_model_dir()
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
+    started = time.perf_counter()
+    assets.verified_model_dir()
+    assert time.perf_counter() - started < 0.5  # sampled: 8 of 40 MiB
 
-    _flip(folder / "model.safetensors", 100, keep_mtime=True)  # the header block is checked every time
+    _flip(folder / "model.safetensors", 100)  # bit rot in the header block, which every check reads
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
     with pytest.raises(assets.AssetCorruptError):
         assets.verified_model_dir()
-    _flip(folder / "model.safetensors", 100, keep_mtime=True)
+    _flip(folder / "model.safetensors", 100)
     assets.verified_model_dir()
 
-    _flip(folder / "model.safetensors", (20 << 20) + 7, keep_mtime=True)  # silent damage in a middle block
+    _flip(folder / "model.safetensors", (20 << 20) + 7)  # bit rot in a middle block
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
     assert any("model.safetensors has SHA-256" in p for p in assets.verify([assets.SMOLLM2]))
     caught = 0
     for _ in range(100):  # random blocks cover the file over many loads (6 of 40 per check)
@@ -168,7 +188,25 @@ def test_flipped_bytes_in_the_real_weights_are_detected(home):
     weights = home / assets.MODEL_FOLDER / "model.safetensors"
     digest = assets.verified_model_dir()[1]
     assert digest == json.loads((source / ".complete.json").read_text())["model.safetensors"]
-    _flip(weights, weights.stat().st_size // 2, keep_mtime=False)
+    _flip(weights, weights.stat().st_size // 2)
     with pytest.raises(assets.AssetCorruptError, match=rf"{weights} has SHA-256 .*mhee assets install smollm2-135m"):
         assets.verified_model_dir()
     assert next(r for r in assets.status() if r["name"] == "smollm2-135m")["state"] == "damaged"
+
+
+def test_install_pins_every_file_of_an_older_verified_install(home):
+    gguf = assets.ASSETS[assets.SMOLLM2].files[0]
+    source = REAL / assets.ASSETS[assets.SMOLLM2].folder / gguf.filename
+    if not source.is_file():
+        pytest.skip("needs the SmolLM2 GGUF (`mhee assets install smollm2-135m`)")
+    (home / assets.ASSETS[assets.SMOLLM2].folder).mkdir(parents=True)
+    (home / assets.ASSETS[assets.SMOLLM2].folder / gguf.filename).symlink_to(source)
+    folder = _fake_model(home, b"weights" * 1000, manifest_files=False)
+    messages: list[str] = []
+    assets.install([assets.SMOLLM2], log=messages.append)
+    assert messages == ["ok  smollm2-135m: SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, hidden 576"]  # no reconversion
+    files = json.loads((folder / ".complete.json").read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(assets.AssetCorruptError, match=r"config\.json has"):
+        assets.verified_model_dir()
