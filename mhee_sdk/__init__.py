@@ -4,11 +4,13 @@ from mhee_sdk.data.log import InteractionLog
 from mhee_sdk.data.movielens import MovieLens100K
 from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.hookspecs import hookimpl, hookspec
+from mhee_sdk.interfaces import Knob
 from mhee_sdk.registry import Registry, create, get_registry
 from mhee_sdk.types import Prediction, Request, Retrieved
 
 __all__ = [
     "InteractionLog",
+    "Knob",
     "MovieLens100K",
     "Prediction",
     "PromptBuilder",

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mhee_sdk.adapters import adapter_dir
 from mhee_sdk.config import RunConfig
 from mhee_sdk.evaluation import Experiment
-from mhee_sdk.finetune import adapter_dir
 from mhee_sdk.report import format_runs, runs_table, write_plots
 from mhee_sdk.store import Store
 

@@ -1,33 +1,51 @@
 """The batched early-exit loop with row compaction.
 
-For each batch: embed, then run decoder layers one at a time. At every exit layer the head gives
-P(like) for the rows still running, the policy picks the rows that stop, and those rows are removed
-from the batch (``LayerState.select``) so later layers run on fewer rows. Work done is therefore the
+For each batch: embed, then run decoder layers one at a time (``mhee_sdk.loop.LayerLoop``). At every
+exit layer the head gives P(like) for the rows still running, the policy picks the rows that stop, and
+those rows are removed from the batch so later layers run on fewer rows. Work done is therefore the
 sum of the exit layers, not batch x depth.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mhee_sdk.exits.heads import ExitHeads
+from mhee_sdk.exits.heads import ExitHeads, check_head_output
+from mhee_sdk.exits.policies import decide_rows
 from mhee_sdk.interfaces import Backbone, ExitPolicy
+from mhee_sdk.loop import LayerLoop
 from mhee_sdk.types import Prediction
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One finished batch: positions of its prompts in the run's input, their predictions, engine seconds."""
+
+    positions: list[int]
+    predictions: list[Prediction]
+    seconds: float
+
+
+OnBatch = Callable[[BatchResult], None]
 
 
 @dataclass
 class EarlyExitEngine:
-    """Runs prompts through `backbone` with `heads` on the exit layers, stopping rows per `policy`."""
+    """Runs prompts through `backbone` with `heads` on the exit layers, stopping rows per `policy`.
+
+    system: the chat system message every prompt gets (see ``Backbone.start``).
+    """
 
     backbone: Backbone
     heads: ExitHeads
     policy: ExitPolicy
+    system: str | None = None
 
     def __post_init__(self) -> None:
         if self.heads.layers[-1] > self.backbone.num_layers:
@@ -44,12 +62,14 @@ class EarlyExitEngine:
         progress: bool = True,
         features: np.ndarray | None = None,
         prefix: torch.Tensor | None = None,
+        on_batch: OnBatch | None = None,
     ) -> list[Prediction]:
         """Predictions for every prompt, in input order.
 
         sort_by_length: batch prompts of similar length together (less padding); latencies then
         reflect that batching. features: ``[N, F]`` collaborative features, for heads that read them.
         prefix: ``[N, S, H]`` soft-token embeddings placed before each prompt (see ``Backbone.start``).
+        on_batch: called after each batch (e.g. to log it to a store), outside the timed engine work.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -60,19 +80,21 @@ class EarlyExitEngine:
         if sort_by_length:
             order.sort(key=lambda i: len(texts[i]))
         results: dict[int, Prediction] = {}
-        with tqdm(
-            total=len(texts),
-            desc=f"early exit ({getattr(self.policy, 'name', 'policy')})",
-            disable=not progress,
-            leave=False,
-        ) as bar:
+        with tqdm(total=len(texts), desc=f"early exit ({self.policy.name})", disable=not progress, leave=False) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                batch_features = None if features is None else np.asarray(features)[chunk]
-                batch_prefix = None if prefix is None else prefix[chunk]
-                out = self.run_batch([texts[i] for i in chunk], [ids[i] for i in chunk], batch_features, batch_prefix)
+                started = time.perf_counter()
+                out = self.run_batch(
+                    [texts[i] for i in chunk],
+                    [ids[i] for i in chunk],
+                    None if features is None else np.asarray(features)[chunk],
+                    None if prefix is None else prefix[chunk],
+                )
+                seconds = time.perf_counter() - started
                 for position, prediction in zip(chunk, out, strict=True):
                     results[position] = prediction
+                if on_batch is not None:
+                    on_batch(BatchResult(chunk, out, seconds))
                 bar.update(len(chunk))
         return [results[i] for i in range(len(texts))]
 
@@ -87,32 +109,22 @@ class EarlyExitEngine:
         """One batch through the loop; returns predictions in the batch's order."""
         started = time.perf_counter()
         layers = self.heads.layers
-        last = layers[-1]
-        state = self.backbone.start(texts) if prefix is None else self.backbone.start(texts, prefix=prefix)
-        if self.heads.needs_features:
-            if features is None or len(features) != len(texts):
-                raise ValueError("these exit heads read collaborative features: pass features=[N, F] to the engine")
-            tensor = torch.as_tensor(np.asarray(features, dtype=np.float32), device=state.hidden.device)
-            state = replace(state, extras={**state.extras, "features": tensor})
-        running = np.arange(len(texts))  # original row of each row still in the batch
+        if self.heads.needs_features and (features is None or len(features) != len(texts)):
+            raise ValueError("these exit heads read collaborative features: pass features=[N, F] to the engine")
+        loop = LayerLoop(self.backbone, texts, layers, prefix=prefix, system=self.system)
+        device = loop.state.hidden.device
+        extra = None if features is None else torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
         probs = np.full((len(texts), len(layers)), np.nan)
         done: dict[int, Prediction] = {}
-        column = 0
-        for layer in range(1, last + 1):
-            state = self.backbone.step(state)
-            if layer not in self.heads:
-                continue
-            head_out = self.heads.predict(layer, self.backbone.pooled(state), state.extras.get("features"))
-            probs[running, column] = head_out.float().cpu().numpy()
-            if layer == last:
+        for column, (layer, pooled) in enumerate(loop):
+            running = loop.running  # original row of each row still in the batch
+            rows_extra = None if extra is None else extra[torch.as_tensor(running, device=device)]
+            head_out = self.heads.predict(layer, pooled, rows_extra).float().cpu().numpy()
+            probs[running, column] = check_head_output(head_out, layer, self.heads.kind)
+            if layer == layers[-1]:
                 stop = np.ones(len(running), dtype=bool)
             else:
-                stop = np.asarray(self.policy.decide(layer, probs[running, : column + 1]), dtype=bool)
-                if stop.shape != (len(running),):
-                    raise ValueError(
-                        f"policy {getattr(self.policy, 'name', self.policy)!r} returned shape {stop.shape}, "
-                        f"expected ({len(running)},)"
-                    )
+                stop = decide_rows(self.policy, layer, probs[running, : column + 1])
             elapsed = time.perf_counter() - started
             for row in running[stop]:
                 done[int(row)] = Prediction(
@@ -125,8 +137,5 @@ class EarlyExitEngine:
             if stop.all():
                 break
             if stop.any():
-                keep = np.flatnonzero(~stop)
-                state = state.select(torch.as_tensor(keep, device=state.hidden.device))
-                running = running[keep]
-            column += 1
+                loop.keep(np.flatnonzero(~stop))
         return [done[row] for row in range(len(texts))]

@@ -18,22 +18,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from mhee_sdk.adapters import save_adapter
 from mhee_sdk.baselines import platt
 from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder
-from mhee_sdk.engine import EarlyExitEngine
+from mhee_sdk.engine import BatchResult, EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
-from mhee_sdk.exits.heads import build_heads
+from mhee_sdk.exits.heads import build_heads, check_head_output
+from mhee_sdk.exits.policies import FULL_DEPTH
 from mhee_sdk.finetune import (
     FinetuneConfig,
     FinetuneReport,
     finetune,
     forward_seconds,
-    mark_adapted,
-    save_adapter,
+    lora_weights,
     training_minutes,
+)
+from mhee_sdk.interfaces import (
+    AdaptedBackbone,
+    Backbone,
+    Baseline,
+    CalibratedPolicy,
+    Dataset,
+    ExitPolicy,
+    Retriever,
+    TrainableBackbone,
+    require,
 )
 from mhee_sdk.metrics import quality, summarize
 from mhee_sdk.registry import Registry, get_registry
@@ -68,11 +79,13 @@ class Experiment:
         self.registry = registry or get_registry()
         self.progress = progress
         create = self.registry.create
-        self.dataset = create("dataset", config.dataset, **config.dataset_params)
+        self.dataset: Dataset = create("dataset", config.dataset, **config.dataset_params)
+        require(self.dataset, Dataset, f"dataset {config.dataset!r}:")
         self.tables = self.dataset.load()
-        self.retriever = create("retriever", config.retriever, **config.retriever_params)
+        self.retriever: Retriever = create("retriever", config.retriever, **config.retriever_params)
+        require(self.retriever, Retriever, f"retriever {config.retriever!r}:")
         self.retriever.fit(self.tables.split("train"), self.dataset.log)
-        self.backbone = create("backbone", config.backbone, **config.backbone_params)
+        self.backbone = self._build_backbone(config)
         self.builder = PromptBuilder(
             self.tables.users,
             self.tables.items,
@@ -83,13 +96,30 @@ class Experiment:
             config.head, self.backbone, config.exit_layers, self.registry, seed=config.seed, **config.head_params
         )
         self.collaborative = None
-        if self.heads.needs_features or getattr(self.backbone, "soft_tokens", None) is not None:
+        if self.heads.needs_features or self.soft_tokens is not None:
             self.collaborative = CollaborativeFeatures().fit(
                 self.tables.split("train"), self.dataset.log, self.retriever
             )
         self.train_report: TrainReport | None = None
         self._valid: tuple[np.ndarray, np.ndarray] | None = None
         self._full_depth_seconds: dict[str, float] = {}
+
+    def _build_backbone(self, config: RunConfig) -> Backbone:
+        backbone = self.registry.create("backbone", config.backbone, **config.backbone_params)
+        require(backbone, Backbone, f"backbone {config.backbone!r}:")
+        return backbone
+
+    @property
+    def system(self) -> str | None:
+        """The chat system message of this task's prompts."""
+        return self.builder.system_prompt
+
+    @property
+    def soft_tokens(self):
+        """The collaborative soft tokens of the backbone's adapter, or None."""
+        if isinstance(self.backbone, AdaptedBackbone) and self.backbone.adapter is not None:
+            return self.backbone.adapter.soft_tokens
+        return None
 
     # -------------------------------------------------------------- inputs
     def requests(self, split: str | None = None, limit: int | None = None) -> list[Request]:
@@ -110,12 +140,12 @@ class Experiment:
 
     def prefix(self, requests: Sequence[Request]) -> torch.Tensor | None:
         """Collaborative soft-token embeddings ``[N, S, H]`` when the backbone has them, else None."""
-        soft = getattr(self.backbone, "soft_tokens", None)
+        soft = self.soft_tokens
         if soft is None:
             return None
-        with torch.no_grad():
-            vectors = torch.as_tensor(self.collaborative.embeddings(requests), device=self.backbone.device)
-            return soft(vectors)
+        with torch.no_grad():  # the soft-token MLP is tiny: it runs on the CPU in float32
+            vectors = torch.as_tensor(self.collaborative.embeddings(requests))
+            return soft(vectors).to(device=self.backbone.device, dtype=self.backbone.dtype)
 
     def requests_key(self, requests: Sequence[Request]) -> str:
         """Identifies runs that are comparable (same requests, prompts, model, heads); only the policy differs."""
@@ -123,6 +153,8 @@ class Experiment:
         parts = [c.dataset, c.dataset_params, c.retriever, c.retriever_params, c.k, c.prompt_tokens,
                  self.backbone.fingerprint, c.head, c.head_params, self.heads.layers, c.seed,
                  [r.request_id for r in requests]]  # fmt: skip
+        if self.system is not None:  # older keys (before the system message left the backbone) stay valid
+            parts.append(self.system)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------- heads
@@ -132,7 +164,7 @@ class Experiment:
         texts, retrieved = self.prompts(requests)
         hidden = collect_hidden(
             self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress,
-            prefix=self.prefix(requests),
+            prefix=self.prefix(requests), system=self.system,
         )  # fmt: skip
         return hidden, np.array([r.label for r in requests]), self.extra_features(requests, retrieved)
 
@@ -157,18 +189,19 @@ class Experiment:
             extra = None if extra is None else torch.as_tensor(extra, device=device)
             with torch.no_grad():
                 columns = [
-                    self.heads.predict(
+                    check_head_output(self.heads.predict(
                         layer, torch.as_tensor(np.asarray(hidden[:, j], np.float32), device=device), extra
-                    )
+                    ).double().cpu().numpy(), layer, self.heads.kind)
                     for j, layer in enumerate(self.heads.layers)
-                ]
-            self._valid = (torch.stack(columns, dim=1).double().cpu().numpy(), labels)
+                ]  # fmt: skip
+            self._valid = (np.stack(columns, axis=1), labels)
         return self._valid
 
-    def make_policy(self, name: str, params: dict[str, Any] | None = None):
-        """A registered policy; ones with ``calibrate`` are calibrated on the validation outputs."""
+    def make_policy(self, name: str, params: dict[str, Any] | None = None) -> ExitPolicy:
+        """A registered policy; one that calibrates (and is not yet) is calibrated on the validation outputs."""
         policy = self.registry.create("exit_policy", name, **(params or {}))
-        if hasattr(policy, "calibrate") and not getattr(policy, "thresholds", None):
+        require(policy, ExitPolicy, f"exit policy {name!r}:")
+        if isinstance(policy, CalibratedPolicy) and not policy.is_calibrated:
             probs, labels = self.valid_outputs()
             policy.calibrate(probs, labels, self.heads.layers)
         return policy
@@ -176,10 +209,16 @@ class Experiment:
     def finetune(self, name: str, settings: FinetuneConfig | None = None) -> FinetuneReport:
         """Fine-tune (LoRA / soft tokens) on the train sample, save adapter `name`, re-fit the heads.
 
-        ``settings.max_minutes`` bounds the whole job: the training loop gets what is left after the
-        frozen head fit and a timed estimate of the re-fit (new hidden states of train + valid).
+        Afterwards the experiment runs a fresh backbone built with the saved adapter (its name and
+        fingerprint say so; ``config.backbone_params["adapter"]`` names it). ``settings.max_minutes``
+        bounds the whole job: the training loop gets what is left after the frozen head fit and a timed
+        estimate of the re-fit (new hidden states of train + valid).
         """
         started = time.perf_counter()
+        if not isinstance(self.backbone, TrainableBackbone) or not isinstance(self.backbone, AdaptedBackbone):
+            raise TypeError(f"backbone {self.backbone.name!r} cannot be fine-tuned (needs a torch model and adapters)")
+        if self.backbone.adapter is not None:
+            raise ValueError(f"backbone {self.backbone.name!r} already has an adapter; fine-tune its base model")
         settings = settings or FinetuneConfig(seed=self.config.seed, progress=self.progress)
         if self.heads.trainable and self.train_report is None:
             self.fit_heads()  # heads start from the frozen fit (and keep its standardization)
@@ -190,7 +229,8 @@ class Experiment:
             refit = 0.0  # untrained heads (verbalizer) need no re-fit
             if self.heads.trainable:
                 rows = len(requests) + self.config.valid_requests
-                refit = 1.2 * rows * forward_seconds(self.backbone, texts, self.heads.layers[-1]) / 60
+                per_request = forward_seconds(self.backbone, texts, self.heads.layers[-1], system=self.system)
+                refit = 1.2 * rows * per_request / 60
             spent = (time.perf_counter() - started) / 60
             settings = replace(settings, max_minutes=training_minutes(budget, spent, refit))
         collab = None
@@ -201,14 +241,24 @@ class Experiment:
                 )
             collab = self.collaborative.embeddings(requests)
         labels = [r.label for r in requests]
+        features = self.extra_features(requests, retrieved)
         report, soft = finetune(
-            self.backbone, self.heads, texts, labels, settings, self.extra_features(requests, retrieved), collab
+            self.backbone, self.heads, texts, labels, settings, features, collab, system=self.system
         )
-        meta = {"run_config": self.config.to_dict(), "train_requests": len(requests), "job_budget_minutes": budget}
-        save_adapter(name, self.backbone, settings, report, soft, meta)
-        if soft is not None:
-            self.backbone.soft_tokens = soft.eval()
-        mark_adapted(self.backbone, name)
+        record = {
+            "base": self.backbone.fingerprint, "config": asdict(settings), "steps": report.steps,
+            "minutes": report.minutes, "first_loss": report.first_loss,  # means over 20 steps: one batch is noise
+            "last_loss": report.last_loss, "run_config": self.config.to_dict(), "train_requests": len(requests),
+            "job_budget_minutes": budget,
+        }  # fmt: skip
+        save_adapter(name, lora_weights(self.backbone), soft, record)
+        self.config = self.config.replace(backbone_params={**self.config.backbone_params, "adapter": name})
+        self.backbone = self._build_backbone(self.config)  # the model above carries injected LoRA layers: start fresh
+        self.heads.to(self.backbone.device)
+        if self.collaborative is None and self.soft_tokens is not None:
+            self.collaborative = CollaborativeFeatures().fit(
+                self.tables.split("train"), self.dataset.log, self.retriever
+            )
         self._valid = None
         self.fit_heads()
         return report
@@ -227,55 +277,43 @@ class Experiment:
         params = dict(self.config.policy_params if policy is None else (params or {}))
         config = self.config.replace(policy=name_, policy_params=params, name=name or "")
         policy_obj = self.make_policy(name_, params)
-        if hasattr(policy_obj, "thresholds"):
-            config.policy_params = {**params, "thresholds": {str(k): v for k, v in policy_obj.thresholds.items()}}
+        if isinstance(policy_obj, CalibratedPolicy):  # the stored config rebuilds the calibrated policy
+            config.policy_params = {**params, **policy_obj.calibrated_params()}
         requests = list(requests) if requests is not None else self.requests()
         texts, retrieved = self.prompts(requests)
-        extra = self.extra_features(requests, retrieved)
-        prefix = self.prefix(requests)
         key = self.requests_key(requests)
-        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj)
+        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
+        inputs = {"features": self.extra_features(requests, retrieved), "prefix": self.prefix(requests)}
+        seconds = 0.0
+
+        def log_batch(batch: BatchResult) -> None:
+            nonlocal seconds
+            seconds += batch.seconds
+            if store is not None:
+                self._log_batch(store, run_id, batch, requests, texts, retrieved)
+
+        run_id = None
         if store is None:
-            predictions, seconds = self._run_batches(engine, requests, texts, retrieved, (extra, prefix), None, None)
-            run_id = None
+            predictions = self._run_engine(engine, texts, requests, inputs, log_batch)
+            metrics = self._metrics(requests, predictions, seconds, key, name_, None)
         else:
             with store.recording(config.to_dict(), self.heads.layers, self.backbone.num_layers,
                                  name=config.label, requests_key=key) as run_id:  # fmt: skip
-                predictions, seconds = self._run_batches(
-                    engine, requests, texts, retrieved, (extra, prefix), store, run_id
-                )
+                predictions = self._run_engine(engine, texts, requests, inputs, log_batch)
                 metrics = self._metrics(requests, predictions, seconds, key, name_, store)
                 store.add_metrics(run_id, metrics)
                 store.add_timing(run_id, "engine", seconds, len(requests))
-        if store is None:
-            metrics = self._metrics(requests, predictions, seconds, key, name_, None)
         return RunResult(config.label, run_id, predictions, metrics, seconds)
 
-    def _run_batches(self, engine, requests, texts, retrieved, inputs, store, run_id) -> tuple[list[Prediction], float]:
-        extra, prefix = inputs
-        predictions: list[Prediction] = []
-        seconds = 0.0
-        size = self.config.batch_size
-        with tqdm(
-            total=len(requests), desc=f"eval {engine.policy.name}", disable=not self.progress, leave=False
-        ) as bar:
-            for start in range(0, len(requests), size):
-                batch = requests[start : start + size]
-                started = time.perf_counter()
-                batch_extra = None if extra is None else extra[start : start + size]
-                batch_prefix = None if prefix is None else prefix[start : start + size]
-                ids = [r.request_id for r in batch]
-                out = engine.run_batch(texts[start : start + size], ids, batch_extra, batch_prefix)
-                seconds += time.perf_counter() - started
-                predictions += out
-                if store is not None:
-                    self._log_batch(
-                        store, run_id, batch, out, texts[start : start + size], retrieved[start : start + size]
-                    )
-                bar.update(len(batch))
-        return predictions, seconds
+    def _run_engine(self, engine, texts, requests, inputs, on_batch) -> list[Prediction]:
+        return engine.run(
+            texts, [r.request_id for r in requests], batch_size=self.config.batch_size, progress=self.progress,
+            on_batch=on_batch, **inputs,
+        )  # fmt: skip
 
-    def _log_batch(self, store, run_id, batch, out, texts, retrieved) -> None:
+    def _log_batch(self, store, run_id, result: BatchResult, requests, texts, retrieved) -> None:
+        batch, out = [requests[i] for i in result.positions], result.predictions
+        texts, retrieved = [texts[i] for i in result.positions], [retrieved[i] for i in result.positions]
         store.append(run_id, "predictions", pd.DataFrame({
             "request_id": [r.request_id for r in batch], "user": [r.user for r in batch],
             "item": [r.item for r in batch], "label": [r.label for r in batch], "prob": [p.prob for p in out],
@@ -295,18 +333,12 @@ class Experiment:
         )  # fmt: skip
         metrics["seconds"] = seconds
         metrics["requests_per_s"] = len(requests) / seconds
-        if policy_name == "never":
+        if policy_name == FULL_DEPTH:
             self._full_depth_seconds[key] = seconds
         full = self._full_depth_seconds.get(key)
         if full is None and store is not None:
-            found = store.query(
-                """SELECT t.seconds FROM runs r JOIN timings t USING (run_id)
-                   WHERE r.requests_key = ? AND r.status = 'finished' AND t.stage = 'engine'
-                     AND json_extract_string(r.config, '$.policy') = 'never'
-                   ORDER BY r.created DESC LIMIT 1""",
-                [key],
-            )
-            full = float(found["seconds"].iloc[0]) if not found.empty else None
+            found = store.full_depth_runs(key, same_requests_only=True)
+            full = store.engine_seconds(found[0]) if found else None
         if full is not None:
             metrics["speedup"] = full / seconds
         return metrics
@@ -328,6 +360,7 @@ class Experiment:
                    "train_requests": c.train_requests, "k": c.k, "seed": c.seed}  # fmt: skip
         extras = {k: v for k, v in offered.items() if k in accepted and k not in params}
         baseline = entry.factory(**implied, **extras, **params)
+        require(baseline, Baseline, f"baseline {name!r}:")
         started = time.perf_counter()
         baseline.fit(self.tables.split("train"), self.dataset.log)
         valid = self.dataset.requests("valid", limit=self.config.valid_requests, seed=self.config.seed)

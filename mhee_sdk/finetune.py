@@ -5,39 +5,27 @@ LoRA weights in decoder layer i and the head on exit layer i both train faster t
 Collaborative soft tokens (as in CoLLM) map the GCN user fold-in and item embeddings through a small
 MLP into `count` extra input embeddings placed before the prompt.
 
-The result is saved under ``$MHEE_HOME/adapters/<name>/`` and loaded by name as the backbone
-``smollm2-135m+lora:<name>``. Heads are then re-fitted on the adapted model's cached hidden states.
+The result is an adapter (``mhee_sdk.adapters``) saved under ``$MHEE_HOME/adapters/<name>/`` and
+loaded by name as the backbone parameter ``adapter = "<name>"`` (or the backbone ``smollm2-135m+lora:<name>``).
+Heads are then re-fitted on the adapted model's cached hidden states.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mhee_sdk import assets
+from mhee_sdk.adapters import SoftTokens
 from mhee_sdk.exits.heads import ExitHeads
+from mhee_sdk.interfaces import Backbone, TrainableBackbone
+from mhee_sdk.loop import LayerLoop
 from mhee_sdk.train import depth_lr
-
-
-class SoftTokens(nn.Module):
-    """``[B, source_dim]`` collaborative vectors -> ``[B, count, hidden_size]`` input embeddings."""
-
-    def __init__(self, source_dim: int, hidden_size: int, count: int = 2, width: int = 256) -> None:
-        super().__init__()
-        self.count, self.hidden_size, self.source_dim = count, hidden_size, source_dim
-        self.net = nn.Sequential(nn.Linear(source_dim, width), nn.GELU(), nn.Linear(width, count * hidden_size))
-
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.net(vectors.float()).view(len(vectors), self.count, self.hidden_size)
 
 
 @dataclass
@@ -83,7 +71,7 @@ class FinetuneReport:
         return float(np.mean(self.losses[-20:])) if self.losses else None
 
 
-def add_lora(backbone, config: FinetuneConfig) -> list[nn.Parameter]:
+def add_lora(backbone: TrainableBackbone, config: FinetuneConfig) -> list[nn.Parameter]:
     """Inject LoRA adapters into the backbone's model in place; freeze everything else."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -104,21 +92,31 @@ def _layer_of(name: str) -> int:
     return int(parts[parts.index("layers") + 1]) + 1
 
 
+def lora_weights(backbone: TrainableBackbone) -> dict[str, torch.Tensor]:
+    """The LoRA tensors injected into the backbone's model (what an adapter saves)."""
+    return {name: value for name, value in backbone.model.state_dict().items() if "lora_" in name}
+
+
 def finetune(
-    backbone,
+    backbone: Backbone,
     heads: ExitHeads,
     texts: Sequence[str],
     labels: Sequence[int],
     config: FinetuneConfig | None = None,
     features: np.ndarray | None = None,
     collab: np.ndarray | None = None,
+    system: str | None = None,
 ) -> tuple[FinetuneReport, SoftTokens | None]:
     """Train LoRA (if ``config.lora``), soft tokens (if ``config.soft_tokens``) and the heads jointly.
 
-    features: ``[N, F]`` for hybrid heads; collab: ``[N, D]`` collaborative vectors for soft tokens.
-    Heads should be fitted on frozen features first (their standardization is kept).
+    The backbone needs ``interfaces.TrainableBackbone``; LoRA layers are injected into its model in
+    place, so build a fresh backbone with the saved adapter afterwards (``Experiment.finetune`` does).
+    features: ``[N, F]`` for hybrid heads; collab: ``[N, D]`` collaborative vectors for soft tokens;
+    system: the chat system message. Heads should be fitted on frozen features first.
     """
     config = config or FinetuneConfig()
+    if not isinstance(backbone, TrainableBackbone):
+        raise TypeError(f"backbone {backbone.name!r} has no torch model to fine-tune (interfaces.TrainableBackbone)")
     if config.soft_tokens and collab is None:
         raise ValueError("soft tokens need collab vectors [N, D] (CollaborativeFeatures.embeddings)")
     torch.manual_seed(config.seed)
@@ -142,7 +140,7 @@ def finetune(
         groups.append({"params": list(soft.parameters()), "lr": config.lr})
     head_rate = depth_lr(config.head_lr, config.depth_boost)
     for layer in heads.layers:
-        if getattr(heads[layer], "trainable", True):
+        if heads[layer].trainable:
             groups.append({"params": list(heads[layer].parameters()), "lr": head_rate(layer, num_layers)})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -159,15 +157,12 @@ def finetune(
             order = rng.permutation(len(texts))
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                prefix = None if soft is None else soft(c[rows])
-                state = backbone.start([texts[i] for i in rows], prefix=prefix)
+                prefix = None if soft is None else soft(c[rows]).to(backbone.dtype)
+                loop = LayerLoop(backbone, [texts[i] for i in rows], heads.layers, prefix=prefix, system=system)
                 loss = torch.zeros((), device=backbone.device)
                 extra = None if f is None else f[rows]
-                for layer in range(1, heads.layers[-1] + 1):
-                    state = backbone.step(state)
-                    if layer in heads:
-                        logits = heads.logits(layer, backbone.pooled(state), extra)
-                        loss = loss + loss_fn(logits, y[rows])
+                for layer, pooled in loop:
+                    loss = loss + loss_fn(heads.logits(layer, pooled, extra), y[rows])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -186,7 +181,14 @@ def finetune(
     return report, soft
 
 
-def forward_seconds(backbone, texts: Sequence[str], depth: int, batch_size: int = 16, batches: int = 3) -> float:
+def forward_seconds(
+    backbone: Backbone,
+    texts: Sequence[str],
+    depth: int,
+    batch_size: int = 16,
+    batches: int = 3,
+    system: str | None = None,
+) -> float:
     """Seconds per request of an inference pass through `depth` layers, timed on batches spread over `texts`.
 
     Spread, not the first batch: prompt lengths vary along a sample (on the demo's 1,500 prompts the
@@ -197,9 +199,8 @@ def forward_seconds(backbone, texts: Sequence[str], depth: int, batch_size: int 
     with torch.inference_mode():
         for start in starts:
             batch = list(texts[start : start + batch_size])
-            state = backbone.start(batch)
-            for _ in range(depth):
-                state = backbone.step(state)
+            for _ in LayerLoop(backbone, batch, [depth], system=system):
+                pass
             rows += len(batch)
     return (time.perf_counter() - started) / rows
 
@@ -214,76 +215,3 @@ def training_minutes(budget: float, spent: float, after: float) -> float:
             "fewer training requests (--train-requests)"
         )
     return left
-
-
-def adapter_dir(name: str) -> Path:
-    """Where adapter `name` lives: ``$MHEE_HOME/adapters/<name>``."""
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"adapter name {name!r} must be a plain folder name")
-    return assets.home() / "adapters" / name
-
-
-def save_adapter(name: str, backbone, config: FinetuneConfig, report: FinetuneReport, soft=None, meta=None) -> Path:
-    """Save LoRA weights (and soft tokens) with their settings; returns the folder."""
-    from safetensors.torch import save_file
-
-    folder = adapter_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    lora = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items() if "lora_" in k}
-    save_file(lora, folder / "lora.safetensors")
-    if soft is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in soft.state_dict().items()}, folder / "soft.safetensors")
-    record = {
-        "base": backbone.fingerprint,
-        "config": asdict(config),
-        "soft_tokens": None if soft is None else {"source_dim": soft.source_dim, "count": soft.count},
-        "steps": report.steps,
-        "minutes": report.minutes,
-        "first_loss": report.first_loss,  # means over 20 steps: one batch's loss is mostly noise
-        "last_loss": report.last_loss,
-        **(meta or {}),
-    }
-    (folder / "adapter.json").write_text(json.dumps(record, indent=2))
-    return folder
-
-
-def load_adapter(backbone, name: str):
-    """Apply saved adapter `name` to `backbone` in place (LoRA weights, soft tokens); returns the backbone."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from safetensors.torch import load_file
-
-    folder = adapter_dir(name)
-    if not (folder / "adapter.json").is_file():
-        available = sorted(p.name for p in folder.parent.glob("*") if (p / "adapter.json").is_file())
-        raise FileNotFoundError(
-            f"adapter {name!r} not found in {folder.parent}; available: {', '.join(available) or 'none'} "
-            "(create one with `mhee finetune`)"
-        )
-    record = json.loads((folder / "adapter.json").read_text())
-    settings = record["config"]
-    if settings["lora"]:
-        lora = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=settings["target_modules"])
-        inject_adapter_in_model(lora, backbone.model)
-        weights = load_file(folder / "lora.safetensors")
-        missing = backbone.model.load_state_dict(weights, strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"adapter {name!r} does not fit this model: unexpected {missing.unexpected_keys[:3]}")
-    backbone.model.eval()
-    if record["soft_tokens"]:
-        spec = record["soft_tokens"]
-        soft = SoftTokens(spec["source_dim"], backbone.hidden_size, spec["count"])
-        soft.load_state_dict(load_file(folder / "soft.safetensors"))
-        backbone.soft_tokens = soft.to(backbone.device).eval()
-    mark_adapted(backbone, name)
-    backbone.adapter = record
-    return backbone
-
-
-def mark_adapted(backbone, name: str) -> None:
-    """Give an adapted backbone its own name and fingerprint (hidden-state caches must not mix)."""
-    folder = adapter_dir(name)
-    digest = hashlib.sha256((folder / "lora.safetensors").read_bytes())
-    if (folder / "soft.safetensors").is_file():
-        digest.update((folder / "soft.safetensors").read_bytes())
-    backbone.fingerprint = f"{backbone.fingerprint}+lora:{name}:{digest.hexdigest()[:12]}"
-    backbone.name = f"{backbone.name}+lora:{name}"

@@ -3,7 +3,8 @@
 A plugin is a module (or any object) with functions marked ``@hookimpl`` whose names match the
 hooks below. Each hook receives a ``register`` callback: call ``register(name, factory)`` once per
 thing you provide. ``factory(**params)`` must build a fresh instance from keyword arguments only
-(the values a run config gives), so a run can be described as plain data.
+(the values a run config gives), so a run can be described as plain data. What each built object
+must provide is stated once, in ``mhee_sdk.interfaces``; the docstrings below point there.
 
 Ship a plugin as an ordinary package with an entry point in the ``mhee_sdk`` group::
 
@@ -32,10 +33,8 @@ Register = Callable[..., None]
 def register_datasets(register: Register) -> None:
     """Register datasets: ``register("movielens-100k", MovieLens100K)``.
 
-    The factory returns an object with the :class:`mhee_sdk.interfaces.Dataset` protocol:
-    ``load()`` returning the interactions, users and items tables, and ``requests(split)``.
-    Interactions need the columns ``user, item, rating, ts, label``; requests of the ``valid`` and
-    ``test`` splits must be later in time than every ``train`` interaction.
+    The factory builds a [`Dataset`][mhee_sdk.interfaces.Dataset]. Valid and test requests must be later
+    in time than every train interaction.
     """
 
 
@@ -43,11 +42,9 @@ def register_datasets(register: Register) -> None:
 def register_retrievers(register: Register) -> None:
     """Register retrievers: ``register("my-retriever", MyRetriever)``.
 
-    The factory returns an object with the :class:`mhee_sdk.interfaces.Retriever` protocol:
-    ``fit(train, log)`` learns from the training interactions only, and
-    ``retrieve(requests, k)`` returns, per request, up to ``k`` :class:`mhee_sdk.Retrieved`
-    interactions, best first. A retriever must never return an interaction at or after the
-    request's timestamp; ``log.before(user, ts)`` gives exactly what is allowed.
+    The factory builds a [`Retriever`][mhee_sdk.interfaces.Retriever]; give it
+    [`ItemEmbeddings`][mhee_sdk.interfaces.ItemEmbeddings] too if collaborative features should use its item vectors.
+    Nothing retrieved may be at or after the request's timestamp (``log.before(user, ts)`` is what is allowed).
     """
 
 
@@ -55,9 +52,9 @@ def register_retrievers(register: Register) -> None:
 def register_backbones(register: Register) -> None:
     """Register backbones: ``register("my-llm", MyBackbone)``.
 
-    The factory returns an object with the :class:`mhee_sdk.interfaces.Backbone` protocol: it
-    tokenizes a batch of prompts (``start``), runs one decoder layer at a time (``step``), gives the
-    last real token's hidden state (``pooled``) and drops finished rows (``select``).
+    The factory builds a [`Backbone`][mhee_sdk.interfaces.Backbone]; optional capabilities (adapters,
+    fine-tuning, an LM head for the verbalizer) are the small Protocols next to it.
+    ``mhee_sdk.testing.check_backbone`` checks one.
     """
 
 
@@ -65,9 +62,9 @@ def register_backbones(register: Register) -> None:
 def register_exit_heads(register: Register) -> None:
     """Register exit-head kinds: ``register("my-head", MyHead)``.
 
-    The factory is called as ``factory(hidden_size=..., layer=..., backbone=..., **params)`` and
-    returns a ``torch.nn.Module`` mapping pooled hidden states ``[B, H]`` to P(like) ``[B]``.
-    Set ``trainable = False`` on heads that need no fitting (the verbalizer does this).
+    The factory is called as ``factory(hidden_size=..., layer=..., backbone=..., **params)`` and builds a
+    ``torch.nn.Module`` following [`ExitHead`][mhee_sdk.interfaces.ExitHead] (optionally
+    [`FitsInputs`][mhee_sdk.interfaces.FitsInputs]). ``mhee_sdk.testing.check_exit_head`` checks one.
     """
 
 
@@ -75,11 +72,10 @@ def register_exit_heads(register: Register) -> None:
 def register_exit_policies(register: Register) -> None:
     """Register exit policies: ``register("my-policy", MyPolicy)``.
 
-    The factory returns an object with the :class:`mhee_sdk.interfaces.ExitPolicy` protocol:
-    ``decide(layer, probs)`` gets the 1-based exit layer just evaluated and the matrix
-    ``probs[B, j]`` of every head output so far (column ``j - 1`` is this layer's head), and returns
-    a bool array ``[B]`` (True = stop here). It must depend on nothing else, so the same code runs live
-    and when replaying logged outputs. The engine always stops at the last exit layer.
+    The factory builds an [`ExitPolicy`][mhee_sdk.interfaces.ExitPolicy]; declare ``knobs``
+    ([`TunablePolicy`][mhee_sdk.interfaces.TunablePolicy]) to get sliders in ``PolicyTuner`` and
+    ``confidence_levels`` ([`ThresholdPolicy`][mhee_sdk.interfaces.ThresholdPolicy]) to get threshold lines in
+    ``ExitExplorer``. ``mhee_sdk.testing.check_exit_policy`` checks one.
     """
 
 
@@ -87,8 +83,6 @@ def register_exit_policies(register: Register) -> None:
 def register_baselines(register: Register) -> None:
     """Register classic (non-LLM) recommenders to compare against: ``register("my-baseline", MyBaseline)``.
 
-    The factory returns an object with ``fit(train, log)`` (training interactions only, plus the
-    strictly-earlier log) and ``score(requests) -> numpy array [N]``, higher meaning more likely liked.
-    Scores need not be probabilities: evaluation calibrates them on validation requests. Factories
-    receive ``users=`` and ``items=`` tables as keyword arguments when they accept them.
+    The factory builds a [`Baseline`][mhee_sdk.interfaces.Baseline]; scores need not be probabilities
+    (evaluation calibrates them on validation requests). ``mhee_sdk.testing.check_baseline`` checks one.
     """

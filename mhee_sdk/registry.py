@@ -2,7 +2,8 @@
 
 Built-ins register through the same hooks as third-party packages. Plugins load one at a time:
 one that fails to import, or whose hook raises, is skipped with a warning naming it
-(``MHEE_STRICT_PLUGINS=1`` raises instead). ``MHEE_PLUGINS=a,b`` loads only those entry points.
+(``MHEE_STRICT_PLUGINS=1`` raises instead). ``MHEE_PLUGINS=a,b`` loads only those entry points;
+``MHEE_DISABLE_PLUGINS=a,b`` switches off any plugin by name, built-ins included.
 """
 
 from __future__ import annotations
@@ -87,7 +88,17 @@ def _label(kind: str) -> str:
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    value = os.environ.get(name, "").strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"", "0", "false", "no", "off"}:
+        return False
+    raise PluginError(f"{name}={os.environ[name]!r} is not a flag; use 1 (on) or 0 (off)")
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name, "").strip()
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
 
 class Registry:
@@ -96,7 +107,10 @@ class Registry:
     Args:
         strict: raise on the first broken plugin instead of warning (default: ``MHEE_STRICT_PLUGINS``).
         allow: entry-point names (or distribution names) to load; None loads all (default:
-            ``MHEE_PLUGINS``, comma-separated). Built-ins always load.
+            ``MHEE_PLUGINS``, comma-separated). Built-ins always load unless disabled.
+        disable: plugins to switch off, built-ins included (a built-in's name is its module, e.g.
+            ``mhee_sdk.backbones.tiny``; an entry point's is its entry-point or distribution name). Default:
+            ``MHEE_DISABLE_PLUGINS``, comma-separated. `mhee plugins` lists the names.
         load_entry_points: set False to load built-ins only.
     """
 
@@ -105,32 +119,62 @@ class Registry:
         *,
         strict: bool | None = None,
         allow: Sequence[str] | None = None,
+        disable: Sequence[str] | None = None,
         load_entry_points: bool = True,
         builtins: Sequence[str] = DEFAULT_PLUGINS,
     ) -> None:
         self.strict = _env_flag("MHEE_STRICT_PLUGINS") if strict is None else strict
-        if allow is None and os.environ.get("MHEE_PLUGINS", "").strip():
-            allow = [part.strip() for part in os.environ["MHEE_PLUGINS"].split(",") if part.strip()]
+        allow = _env_list("MHEE_PLUGINS") if allow is None else allow
+        disable = _env_list("MHEE_DISABLE_PLUGINS") if disable is None else disable
         self.allow = None if allow is None else set(allow)
+        self.disable = set(disable or ())
+        self.disabled: list[str] = []  # plugins switched off by `disable`
         self.manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.manager.add_hookspecs(hookspecs)
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in HOOKS}
         self.plugins: list[PluginInfo] = []
         self.failures: list[PluginFailure] = []
         sdk_version = package_version("mhee-sdk")
+        known: set[str] = set(builtins)
         for module_name in builtins:
+            if module_name in self.disable:
+                self.disabled.append(module_name)
+                continue
             self._load(lambda m=module_name: importlib.import_module(m), module_name, sdk_version, "builtin")
         if load_entry_points:
-            self._load_entry_points()
+            known |= self._load_entry_points()
+        self._warn_unknown(known, load_entry_points)
 
     # ------------------------------------------------------------------ loading
-    def _load_entry_points(self) -> None:
+    def _load_entry_points(self) -> set[str]:
+        """Load the allowed, enabled entry points; returns every name (entry point and distribution) seen."""
+        seen: set[str] = set()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
             dist_name = ep.dist.name if ep.dist else ""
+            seen |= {ep.name, dist_name} - {""}
             if self.allow is not None and ep.name not in self.allow and dist_name not in self.allow:
+                continue
+            if {ep.name, dist_name} & self.disable:
+                self.disabled.append(ep.name)
                 continue
             version = ep.dist.version if ep.dist else "?"
             self._load(ep.load, ep.name, version, "entry point")
+        return seen
+
+    def _warn_unknown(self, known: set[str], entry_points_loaded: bool) -> None:
+        # a misspelled name would otherwise switch everything (or nothing) off without a word
+        for setting, names in (("MHEE_PLUGINS / allow", self.allow or set()), ("MHEE_DISABLE_PLUGINS / disable",
+                                                                              self.disable)):  # fmt: skip
+            if not entry_points_loaded and setting.startswith("MHEE_PLUGINS"):
+                continue
+            unknown = sorted(names - known)
+            if unknown:
+                message = f"{setting} names {', '.join(map(repr, unknown))}, which no plugin has; known: " + ", ".join(
+                    sorted(known)
+                )
+                if self.strict:
+                    raise PluginError(message)
+                warnings.warn(f"mhee_sdk: {message}", PluginWarning, stacklevel=3)
 
     def add_plugin(self, plugin: object, name: str, version: str = "", source: str = "python") -> None:
         """Register a plugin object (module, class or instance with ``@hookimpl`` functions) directly.

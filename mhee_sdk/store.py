@@ -38,8 +38,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from mhee_sdk.exits.policies import FULL_DEPTH
 from mhee_sdk.exits.policies import replay as replay_policy
-from mhee_sdk.metrics import summarize
+from mhee_sdk.interfaces import ExitPolicy
+from mhee_sdk.metrics import auc_of_ranks, summarize
 
 SCHEMA_VERSION = 2  # 2: runs.pid, runs.host, runs.heartbeat
 DEFAULT_PATH = "mhee_runs.duckdb"
@@ -730,6 +732,27 @@ class Store:
         counts = Counter(self._effective_status(frame)) if not frame.empty else Counter()
         return {status: counts.get(status, 0) for status in ("finished", "running", "abandoned", "failed")}
 
+    def full_depth_runs(self, requests_key: str | None = None, same_requests_only: bool = False) -> list[str]:
+        """Finished live full-depth runs (every exit layer logged, so replayable), newest first.
+
+        Runs of `requests_key` (the same requests, prompts, model and heads) come first; with
+        `same_requests_only` the others are left out.
+        """
+        frame = self.query(
+            """SELECT run_id, requests_key FROM runs
+               WHERE status = 'finished' AND kind = 'live' AND json_extract_string(config, '$.policy') = ?
+               ORDER BY created DESC""",
+            [FULL_DEPTH],
+        )
+        same = frame["requests_key"] == requests_key
+        others = [] if same_requests_only else list(frame.loc[~same, "run_id"])
+        return list(frame.loc[same, "run_id"]) + others
+
+    def engine_seconds(self, run_id: str) -> float | None:
+        """Seconds the engine took for a live run (its ``engine`` timing), or None."""
+        frame = self.query("SELECT seconds FROM timings WHERE run_id = ? AND stage = 'engine'", [run_id])
+        return float(frame["seconds"].iloc[0]) if not frame.empty else None
+
     def run(self, run_id: str) -> dict[str, Any]:
         """A run's record, config, versions and exit layers parsed; status ``abandoned`` once its process is gone."""
         extra = "" if self.schema_version >= 2 else f", {self._run_columns()}"
@@ -789,13 +812,13 @@ class Store:
         if wide.isna().any().any():
             raise StoreError(
                 f"run {run_id!r} did not log every exit layer for every request; replay needs a full-depth run "
-                "(policy 'never')"
+                f"(policy {FULL_DEPTH!r})"
             )
         result = (preds, layers, wide.to_numpy(dtype=np.float64))
         self._matrices[run_id] = result
         return result
 
-    def replay(self, run_id: str, policy) -> ReplayResult:
+    def replay(self, run_id: str, policy: ExitPolicy) -> ReplayResult:
         """Score `policy` on a logged full-depth run without the model; equals a live run of it."""
         preds, layers, probs = self.layer_matrix(run_id)
         result = replay_policy(policy, probs, layers)
@@ -812,7 +835,7 @@ class Store:
         metrics = summarize(frame["label"], frame["prob"], frame["user"], frame["exit_layer"], num_layers)
         return ReplayResult(predictions=frame, metrics=metrics)
 
-    def sweep(self, run_id: str, policies: Sequence[Any]) -> pd.DataFrame:
+    def sweep(self, run_id: str, policies: Sequence[ExitPolicy]) -> pd.DataFrame:
         """Replay many policies (e.g. a threshold grid) on one logged run: AUC, mean exit layer, savings.
 
         Cheap metrics only (AUC, no GAUC). Every exit prob is one of the run's logged outputs, so their
@@ -833,26 +856,9 @@ class Store:
             out.append(
                 {
                     "policy": policy,
-                    "auc": _auc_of_ranks(ranks[rows, result.index], labels, levels),
+                    "auc": auc_of_ranks(ranks[rows, result.index], labels, levels),
                     "mean_exit_layer": mean_layer,
                     "layer_savings": num_layers / mean_layer,
                 }
             )
         return pd.DataFrame(out)
-
-
-def _auc_of_ranks(ranks: np.ndarray, labels: np.ndarray, levels: int) -> float:
-    """Mann-Whitney AUC of integer scores in ``[0, levels)`` (ties count half) by counting, not sorting."""
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    negative_count = np.bincount(ranks[~labels], minlength=levels)
-    below = np.cumsum(negative_count) - negative_count  # negatives strictly below each rank
-    mine = ranks[labels]
-    return float((below[mine] + 0.5 * negative_count[mine]).sum() / (positives * negatives))
-
-
-def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney rank formula (ties count half); equals scikit-learn's, faster."""
-    levels, ranks = np.unique(np.asarray(scores), return_inverse=True)
-    return _auc_of_ranks(ranks.ravel(), np.asarray(labels).astype(bool), len(levels))

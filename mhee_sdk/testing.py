@@ -1,4 +1,4 @@
-"""Conformance checks for plugin authors: does my retriever / exit head / exit policy / baseline keep the contract?
+"""Conformance checks for plugin authors: do my retriever, backbone, exit head, policy and baseline keep the contract?
 
 Call them from your plugin's tests; each raises ``ContractError`` with a message that says what to fix::
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mhee_sdk.interfaces import Backbone, ExitPolicy, protocol_members
 from mhee_sdk.types import Request, Retrieved
 
 
@@ -28,24 +29,25 @@ def _fail(what: str, problem: str, fix: str) -> ContractError:
     return ContractError(f"{what}: {problem}. Fix: {fix}")
 
 
+def _fit_on_train(
+    obj: Any, dataset: Any, what: str, requests: Sequence[Request] | None, sample: dict[str, int]
+) -> list[Request]:
+    """Fit `obj` on the dataset's train split (it must return itself); the requests to check it on."""
+    fitted = obj.fit(dataset.load().split("train"), dataset.log)
+    if fitted is not obj:
+        raise _fail(what, "fit() did not return self", "end fit() with `return self`")
+    if requests is not None:
+        return list(requests)
+    return [request for split, limit in sample.items() for request in dataset.requests(split, limit=limit, seed=1)]
+
+
 def check_retriever(retriever, dataset, k: int = 5, requests: Sequence[Request] | None = None) -> None:
     """Fit on `dataset`'s train split, then check output shape, types, order, `k` and the time rule.
 
     The time rule: nothing retrieved may be at or after the request's timestamp.
     """
-    what = f"retriever {getattr(retriever, 'name', type(retriever).__name__)!r}"
-    tables = dataset.load()
-    fitted = retriever.fit(tables.split("train"), dataset.log)
-    if fitted is not retriever:
-        raise _fail(what, "fit() did not return self", "end fit() with `return self`")
-    requests = (
-        list(requests)
-        if requests is not None
-        else [
-            *dataset.requests("train", limit=20, seed=1),
-            *dataset.requests("test", limit=30, seed=1),
-        ]
-    )
+    what = f"retriever {_label(retriever)!r}"
+    requests = _fit_on_train(retriever, dataset, what, requests, {"train": 20, "test": 30})
     results = retriever.retrieve(requests, k)
     if not isinstance(results, list) or len(results) != len(requests):
         raise _fail(
@@ -81,9 +83,23 @@ def check_retriever(retriever, dataset, k: int = 5, requests: Sequence[Request] 
         raise _fail(what, "k=0 returned items", "return empty lists for k=0")
 
 
-def check_exit_policy(policy, num_layers: int = 10, rows: int = 64, seed: int = 0) -> None:
+def _label(obj: Any) -> str:
+    """A plugin object's name for messages: its `name` when it has one, else its class name."""
+    name = getattr(obj, "name", None)
+    return name if isinstance(name, str) else type(obj).__name__
+
+
+def _missing(obj: Any, protocol: type) -> list[str]:
+    return [name for name in protocol_members(protocol) if not hasattr(obj, name)]
+
+
+def check_exit_policy(policy: ExitPolicy, num_layers: int = 10, rows: int = 64, seed: int = 0) -> None:
     """Check `decide` returns one bool per row, is deterministic and decides each row on its own."""
-    what = f"exit policy {getattr(policy, 'name', type(policy).__name__)!r}"
+    missing = _missing(policy, ExitPolicy)
+    if missing:
+        what = f"exit policy {type(policy).__name__!r}"
+        raise _fail(what, f"lacks {', '.join(missing)}", "give it a `name` string and decide(layer, probs)")
+    what = f"exit policy {policy.name!r}"
     rng = np.random.default_rng(seed)
     probs = rng.uniform(0, 1, size=(rows, num_layers))
     for column in range(1, num_layers + 1):
@@ -135,13 +151,13 @@ def check_exit_head(
     seed: int = 0,
     **params: Any,
 ) -> None:
-    """Build a head as the SDK does and check its contract.
+    """Build a head as the SDK does and check its contract (``mhee_sdk.interfaces.ExitHead``).
 
     The factory is called as ``head_factory(hidden_size=..., layer=..., backbone=..., **params)``; the head
-    must be a ``torch.nn.Module`` with ``layer`` and ``trainable`` attributes, map ``[B, H]`` to P(like)
-    ``[B]`` in [0, 1], decide each row on its own, be deterministic in eval mode, and (when it has
-    ``logits``, which trainable heads need) satisfy ``forward == sigmoid(logits)``. Heads with
-    ``needs_features = True`` also get collaborative features ``[B, feature_size]`` (default: the
+    must be a ``torch.nn.Module`` with ``layer``, ``trainable`` and ``needs_features`` attributes and
+    ``logits(hidden, features=None)``, map ``[B, H]`` to P(like) ``[B]`` in [0, 1] with
+    ``forward == sigmoid(logits)``, decide each row on its own and be deterministic in eval mode. Heads
+    with ``needs_features = True`` also get collaborative features ``[B, feature_size]`` (default: the
     ``hybrid`` head's feature count).
     """
     import torch
@@ -154,7 +170,7 @@ def check_exit_head(
         raise _fail(
             what,
             f"factory(hidden_size=, layer=, backbone=) raised TypeError: {err}",
-            "accept the keyword arguments hidden_size, layer and backbone (add **_ to ignore the ones you do not use)",
+            "accept the keyword arguments hidden_size, layer and backbone (backbone may go unused)",
         ) from err
     what = f"exit head {type(head).__name__!r}"
     if not isinstance(head, nn.Module):
@@ -165,29 +181,28 @@ def check_exit_head(
             f"has layer={getattr(head, 'layer', '<missing>')!r}, expected {layer} (the factory's argument)",
             "store the layer it reads: self.layer = layer",
         )
-    if not isinstance(getattr(head, "trainable", None), bool):
-        raise _fail(
-            what,
-            f"has trainable={getattr(head, 'trainable', '<missing>')!r}, not a bool",
-            "set a class attribute trainable = True (False for heads that need no fitting, like the verbalizer)",
-        )
+    for flag, fix in (
+        ("trainable", "set a class attribute trainable = True (False for heads that need no fitting)"),
+        ("needs_features", "set a class attribute needs_features = False (True if it reads collaborative features)"),
+    ):
+        if not isinstance(getattr(head, flag, None), bool):
+            raise _fail(what, f"has {flag}={getattr(head, flag, '<missing>')!r}, not a bool", fix)
     if head.trainable and not any(p.requires_grad for p in head.parameters()):
         raise _fail(
             what,
             "says trainable = True but has no parameters that require grad",
             "give it nn.Parameters (e.g. an nn.Linear), or set trainable = False",
         )
-    if head.trainable and not callable(getattr(head, "logits", None)):
+    if not callable(getattr(head, "logits", None)):
         raise _fail(
             what,
-            "is trainable but has no logits() method (training fits log-odds with BCEWithLogitsLoss)",
-            "add logits(hidden) -> log-odds [B] and make forward return torch.sigmoid(self.logits(hidden))",
+            "has no logits() method (training fits log-odds with BCEWithLogitsLoss; the engine reads forward)",
+            "add logits(hidden, features=None) -> log-odds [B]; make forward return torch.sigmoid(self.logits(...))",
         )
 
-    needs_features = bool(getattr(head, "needs_features", False))
     hidden = _head_input(head, hidden_size, rows, seed)
     features = None
-    if needs_features:
+    if head.needs_features:
         if feature_size is None:
             from mhee_sdk.exits.features import FEATURE_NAMES
 
@@ -196,9 +211,15 @@ def check_exit_head(
         features = torch.randn(rows, feature_size, generator=generator).to(hidden.device)
 
     def call(method: Callable[..., Any], picked: torch.Tensor) -> Any:
-        extra = () if features is None else (features[picked],)
-        with torch.no_grad():
-            return method(hidden[picked], *extra)
+        try:
+            with torch.no_grad():
+                return method(hidden[picked], None if features is None else features[picked])
+        except TypeError as err:
+            raise _fail(
+                what,
+                f"{getattr(method, '__name__', 'forward')}(hidden, features) raised TypeError: {err}",
+                "accept a second argument features=None in forward and logits (ignore it if unused)",
+            ) from err
 
     head.eval()
     everyone = torch.arange(rows, device=hidden.device)
@@ -232,17 +253,95 @@ def check_exit_head(
                 "compute each row from its own hidden state only (no batch statistics; the engine drops "
                 "finished rows between layers)",
             )
-    if callable(getattr(head, "logits", None)):
-        logits = call(head.logits, everyone)
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows,):
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise _fail(what, f"logits() returned {shape}, expected ({rows},)", "return one log-odds value per row")
-        if not torch.allclose(torch.sigmoid(logits.float()), values, atol=1e-5, rtol=1e-4):
-            raise _fail(
-                what,
-                "forward() is not sigmoid(logits()): training fits logits, the engine reads forward",
-                "make forward return torch.sigmoid(self.logits(hidden))",
-            )
+    logits = call(head.logits, everyone)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows,):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise _fail(what, f"logits() returned {shape}, expected ({rows},)", "return one log-odds value per row")
+    if not torch.allclose(torch.sigmoid(logits.float()), values, atol=1e-5, rtol=1e-4):
+        raise _fail(
+            what,
+            "forward() is not sigmoid(logits()): training fits logits, the engine reads forward",
+            "make forward return torch.sigmoid(self.logits(hidden))",
+        )
+
+
+def check_backbone(backbone: Backbone, texts: Sequence[str] | None = None, atol: float = 1e-4) -> None:
+    """Check a backbone against ``mhee_sdk.interfaces.Backbone``: attributes, shapes, compaction, determinism.
+
+    Runs `texts` (default: four prompts of different lengths) through every layer; a row must give the
+    same pooled state alone, in the batch, and after other rows were dropped mid-way (compaction).
+    """
+    import torch
+
+    from mhee_sdk.interfaces import LayerState
+
+    what = f"backbone {type(backbone).__name__!r}"
+    missing = _missing(backbone, Backbone)
+    if missing:
+        raise _fail(what, f"lacks {', '.join(missing)}", "implement every member of mhee_sdk.interfaces.Backbone")
+    for name, kind in (("name", str), ("fingerprint", str), ("num_layers", int), ("hidden_size", int),
+                       ("device", torch.device), ("dtype", torch.dtype)):  # fmt: skip
+        value = getattr(backbone, name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1) or value == "":
+            positive = "positive " if kind is int else ""
+            raise _fail(what, f"has {name}={value!r}", f"make {name} a {positive}{kind.__name__}")
+    texts = list(texts) if texts is not None else [
+        "User: 24-year-old technician.\nCandidate: a comedy.", "short", "A somewhat longer prompt " * 4, "x y",
+    ]  # fmt: skip
+    count = backbone.count_tokens(texts[0])
+    if not isinstance(count, int) or count < 1:
+        raise _fail(what, f"count_tokens() returned {count!r}", "return the number of tokens as a positive int")
+
+    def run(batch: Sequence[str], keep_after: int | None = None, keep: Sequence[int] = ()) -> torch.Tensor:
+        state = backbone.start(batch)
+        if not isinstance(state, LayerState) or state.layers_done != 0:
+            raise _fail(what, "start() did not return a LayerState with layers_done=0", "return LayerState(...)")
+        for layer in range(1, backbone.num_layers + 1):
+            if keep_after is not None and layer == keep_after + 1:
+                state = state.select(torch.as_tensor(list(keep), device=state.hidden.device))
+            state = backbone.step(state)
+            if state.layers_done != layer:
+                raise _fail(what, f"step() left layers_done={state.layers_done} after layer {layer}",
+                            "return replace(state, hidden=..., layers_done=state.layers_done + 1)")  # fmt: skip
+        pooled = backbone.pooled(state)
+        if tuple(pooled.shape) != (state.batch_size, backbone.hidden_size):
+            raise _fail(what, f"pooled() returned {tuple(pooled.shape)}, expected "
+                        f"({state.batch_size}, {backbone.hidden_size})", "return [B, hidden_size]")  # fmt: skip
+        if not torch.isfinite(pooled.float()).all():
+            raise _fail(what, "pooled() returned NaN or inf", "check the layers and the padding mask")
+        return pooled.float()
+
+    with torch.inference_mode():
+        state = backbone.start(texts)
+        for name, tensor in {"hidden": state.hidden, "mask": state.mask, **state.extras}.items():
+            if tensor.shape[0] != len(texts):
+                problem = f"start() put {name} with first dimension {tensor.shape[0]} for {len(texts)} prompts"
+                raise _fail(what, problem, "keep the batch as the first dimension of every tensor in the state")
+        if state.hidden.dtype != backbone.dtype:
+            raise _fail(what, f"start() gave hidden states of {state.hidden.dtype}, but dtype={backbone.dtype}",
+                        "compute in the dtype the backbone states")  # fmt: skip
+        full = run(texts)
+        if not torch.equal(full, run(texts)):
+            raise _fail(what, "two identical runs gave different pooled states", "use no randomness in inference")
+        for row, text in enumerate(texts):
+            if not torch.allclose(run([text])[0], full[row], atol=atol, rtol=1e-4):
+                raise _fail(what, f"row {row} differs alone and in a batch (padding changes it)",
+                            "mask padding and count positions over real tokens only")  # fmt: skip
+        keep = [len(texts) - 1, 0]
+        compacted = run(texts, keep_after=max(1, backbone.num_layers // 2), keep=keep)
+        if not torch.allclose(compacted, full[keep], atol=atol, rtol=1e-4):
+            fix = "put every per-row tensor in LayerState (batch first) so select() keeps them aligned"
+            raise _fail(what, "rows dropped mid-way (LayerState.select) change the rows kept", fix)
+        state = backbone.start(texts[:1])
+        for _ in range(backbone.num_layers):
+            state = backbone.step(state)
+        refused = False
+        try:
+            backbone.step(state)
+        except ValueError:
+            refused = True  # what the contract asks for
+        if not refused:
+            raise _fail(what, "step() ran past the last layer", "raise ValueError once all layers ran")
 
 
 def check_baseline(baseline: Any, dataset: Any, requests: Sequence[Request] | None = None) -> None:
@@ -250,19 +349,8 @@ def check_baseline(baseline: Any, dataset: Any, requests: Sequence[Request] | No
 
     A request's score must not depend on the other requests scored with it.
     """
-    what = f"baseline {getattr(baseline, 'name', type(baseline).__name__)!r}"
-    tables = dataset.load()
-    fitted = baseline.fit(tables.split("train"), dataset.log)
-    if fitted is not baseline:
-        raise _fail(what, "fit() did not return self", "end fit() with `return self`")
-    requests = (
-        list(requests)
-        if requests is not None
-        else [
-            *dataset.requests("valid", limit=20, seed=1),
-            *dataset.requests("test", limit=40, seed=1),
-        ]
-    )
+    what = f"baseline {_label(baseline)!r}"
+    requests = _fit_on_train(baseline, dataset, what, requests, {"valid": 20, "test": 40})
     raw = baseline.score(requests)
     try:
         scores = np.asarray(raw, dtype=np.float64)

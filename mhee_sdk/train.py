@@ -28,41 +28,51 @@ from tqdm.auto import tqdm
 
 from mhee_sdk import assets
 from mhee_sdk.exits.heads import ExitHeads
+from mhee_sdk.interfaces import Backbone, FitsInputs
+from mhee_sdk.loop import LayerLoop, check_exit_layers
 
 
-def cache_key(fingerprint: str, layers: Sequence[int], texts: Sequence[str], prefix: torch.Tensor | None = None) -> str:
-    """Hash identifying a set of hidden states: backbone weights, exit layers, exact prompts (and soft tokens)."""
+def cache_key(
+    fingerprint: str,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    prefix: torch.Tensor | None = None,
+    system: str | None = None,
+) -> str:
+    """Hash identifying a set of hidden states: backbone, exit layers, exact prompts, system message, soft tokens."""
     digest = hashlib.sha256()
     digest.update(json.dumps([fingerprint, list(map(int, layers))]).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode()).digest())
     if prefix is not None:
         digest.update(prefix.detach().float().cpu().numpy().tobytes())
+    if system is not None:
+        digest.update(b"system:" + system.encode())
     return digest.hexdigest()[:24]
 
 
 def collect_hidden(
-    backbone,
+    backbone: Backbone,
     texts: Sequence[str],
     layers: Sequence[int],
     batch_size: int = 16,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     prefix: torch.Tensor | None = None,
+    system: str | None = None,
 ) -> np.ndarray:
     """Pooled hidden states ``[N, len(layers), H]`` (float16), from the disk cache when present.
 
     Runs only up to the deepest requested layer. Rows are written batch by batch to a ``.partial``
-    file, so an interrupted call resumes where it stopped. prefix: ``[N, S, H]`` soft tokens, if any.
+    file, so an interrupted call resumes where it stopped. prefix: ``[N, S, H]`` soft tokens, if any;
+    system: the chat system message (see ``Backbone.start``).
     """
-    layers = sorted(set(int(x) for x in layers))
     if not texts:
         raise ValueError("collect_hidden needs at least one prompt")
-    if layers[0] < 1 or layers[-1] > backbone.num_layers:
-        raise ValueError(f"layers {layers} must lie in 1..{backbone.num_layers}")
+    layers = check_exit_layers(layers, backbone.num_layers)
     folder = Path(cache_dir) if cache_dir is not None else assets.home() / "hidden"
     folder.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone.fingerprint, layers, texts, prefix)
+    key = cache_key(backbone.fingerprint, layers, texts, prefix, system)
     final, partial, progress_file = (folder / f"{key}{ext}" for ext in (".npy", ".partial.npy", ".partial.json"))
     if final.is_file():
         return np.load(final, mmap_mode="r")
@@ -73,23 +83,16 @@ def collect_hidden(
         out = np.lib.format.open_memmap(partial, mode="r+")
     else:
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-    wanted = set(layers)
     with (
         torch.inference_mode(),
         tqdm(total=len(texts), initial=done, desc="hidden states", disable=not progress, leave=False) as bar,
     ):
         for start in range(done, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            if prefix is None:
-                state = backbone.start(chunk)
-            else:
-                state = backbone.start(chunk, prefix=prefix[start : start + len(chunk)])
-            column = 0
-            for layer in range(1, layers[-1] + 1):
-                state = backbone.step(state)
-                if layer in wanted:
-                    out[start : start + len(chunk), column] = backbone.pooled(state).float().cpu().numpy()
-                    column += 1
+            chunk_prefix = None if prefix is None else prefix[start : start + len(chunk)]
+            loop = LayerLoop(backbone, chunk, layers, prefix=chunk_prefix, system=system)
+            for column, (_, pooled) in enumerate(loop):
+                out[start : start + len(chunk), column] = pooled.float().cpu().numpy()
             out.flush()
             progress_file.write_text(json.dumps({"rows": start + len(chunk), "of": len(texts)}))
             bar.update(len(chunk))
@@ -172,7 +175,7 @@ def fit_heads(
     if len(weights) != len(layers):
         raise ValueError(f"layer_weights has {len(weights)} entries for {len(layers)} exit layers")
 
-    trainable = [(j, layer) for j, layer in enumerate(layers) if getattr(heads[layer], "trainable", True)]
+    trainable = [(j, layer) for j, layer in enumerate(layers) if heads[layer].trainable]
     report = TrainReport(layers=list(layers))
     if not trainable:
         return report
@@ -180,10 +183,8 @@ def fit_heads(
     groups = []
     for j, layer in trainable:
         head = heads[layer]
-        if hasattr(head, "standardize"):
-            head.standardize.fit(x_train[:, j])
-        if hasattr(head, "feature_standardize"):
-            head.feature_standardize.fit(f_train)
+        if isinstance(head, FitsInputs):  # fixed input statistics first: training then sees standardized inputs
+            head.fit_inputs(x_train[:, j], f_train)
         groups.append({"params": list(head.parameters()), "lr": schedule(layer, num_layers)})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()

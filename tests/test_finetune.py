@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from mhee_sdk.adapters import load_adapter
 from mhee_sdk.backbones.tiny import tiny_backbone
 from mhee_sdk.config import RunConfig
 from mhee_sdk.evaluation import Experiment
 from mhee_sdk.exits.heads import build_heads
-from mhee_sdk.finetune import FinetuneConfig, finetune, load_adapter
+from mhee_sdk.finetune import FinetuneConfig, finetune
 from mhee_sdk.registry import Registry
 
 TEXTS = [f"Candidate: a {'comedy' if i % 2 else 'horror'} movie number {i}." for i in range(16)]
@@ -57,7 +58,8 @@ def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
     report = experiment.finetune("unit", FinetuneConfig(epochs=1, batch_size=8, progress=False))
     assert report.steps == 3 and (tmp_path / "adapters" / "unit" / "lora.safetensors").is_file()
     assert experiment.backbone.fingerprint.startswith(before + "+lora:unit:")
-    reloaded = load_adapter(tiny_backbone(), "unit")
+    assert experiment.config.backbone_params == {"adapter": "unit"}  # runs after fine-tuning record the adapter
+    reloaded = tiny_backbone(adapter="unit")
     assert reloaded.fingerprint == experiment.backbone.fingerprint
     texts = ["Candidate: a comedy."]
     with torch.inference_mode():
@@ -66,7 +68,7 @@ def test_experiment_finetune_saves_and_reloads_by_name(tmp_path, monkeypatch):
             a, b = experiment.backbone.step(a), reloaded.step(b)
     torch.testing.assert_close(a.hidden, b.hidden)
     with pytest.raises(FileNotFoundError, match=r"adapter .missing. not found.*available: unit"):
-        load_adapter(tiny_backbone(), "missing")
+        load_adapter("missing")
 
 
 def test_job_budget_is_split_and_a_spent_budget_is_refused(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ from mhee_sdk.exits.policies import (
     Never,
     Patience,
     replay,
-    weighted_auc,
 )
+from mhee_sdk.metrics import weighted_auc
 
 LAYERS = [3, 6, 9, 12]
 # rows: confident-early, flip-flopping, confident-late, unsure

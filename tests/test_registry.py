@@ -4,8 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-import uuid
 
 import pytest
 
@@ -25,19 +23,6 @@ BUILTINS = {
     "exit_head": {"linear", "mlp", "verbalizer"},
     "exit_policy": {"never", "fixed-layer", "max-prob", "entropy", "margin", "patience", "multi-head", "calibrated"},
 }
-
-
-def install_plugin(tmp_path, monkeypatch, source: str, ep_name: str | None = None) -> str:
-    """Install a one-module distribution with an `mhee_sdk` entry point into tmp_path (on sys.path)."""
-    module = f"plugin_{uuid.uuid4().hex[:8]}"
-    ep_name = ep_name or module
-    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-    dist = tmp_path / f"{module}-0.3.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.3.1\n")
-    (dist / "entry_points.txt").write_text(f"[mhee_sdk]\n{ep_name} = {module}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return ep_name
 
 
 GOOD = """
@@ -61,8 +46,8 @@ def test_every_builtin_is_registered(registry):
     assert {p.source for p in registry.plugins} == {"builtin"}
 
 
-def test_third_party_plugin_loads_through_entry_point(tmp_path, monkeypatch):
-    name = install_plugin(tmp_path, monkeypatch, GOOD)
+def test_third_party_plugin_loads_through_entry_point(install_plugin, monkeypatch):
+    name = install_plugin(GOOD)
     registry = Registry()
     entry, _ = registry.get("exit_policy", "always")
     assert (entry.plugin, entry.version) == (name, "0.3.1")
@@ -72,22 +57,22 @@ def test_third_party_plugin_loads_through_entry_point(tmp_path, monkeypatch):
     assert policy.decide(3, np.array([[0.2], [0.9]])).tolist() == [True, True]
 
 
-def test_broken_import_is_skipped_with_warning(tmp_path, monkeypatch):
-    name = install_plugin(tmp_path, monkeypatch, "raise ImportError('needs libfoo')\n")
+def test_broken_import_is_skipped_with_warning(install_plugin, monkeypatch):
+    name = install_plugin("raise ImportError('needs libfoo')\n")
     with pytest.warns(PluginWarning, match=rf"skipped plugin '{name}': import failed: ImportError: needs libfoo"):
         registry = Registry()
     assert [f.name for f in registry.failures] == [name]
     assert "max-prob" in registry.names("exit_policy")  # the rest still works
 
 
-def test_broken_import_raises_in_strict_mode(tmp_path, monkeypatch):
-    name = install_plugin(tmp_path, monkeypatch, "raise ImportError('needs libfoo')\n")
+def test_broken_import_raises_in_strict_mode(install_plugin, monkeypatch):
+    name = install_plugin("raise ImportError('needs libfoo')\n")
     monkeypatch.setenv("MHEE_STRICT_PLUGINS", "1")
     with pytest.raises(PluginError, match=rf"plugin '{name}' failed: import failed: ImportError: needs libfoo"):
         Registry()
 
 
-def test_raising_hook_is_skipped_and_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_raising_hook_is_skipped_and_leaves_nothing_behind(install_plugin, monkeypatch):
     source = """
     from mhee_sdk import hookimpl
 
@@ -96,22 +81,41 @@ def test_raising_hook_is_skipped_and_leaves_nothing_behind(tmp_path, monkeypatch
         register("half-done", object)
         raise RuntimeError("index not built")
     """
-    name = install_plugin(tmp_path, monkeypatch, source)
+    name = install_plugin(source)
     with pytest.warns(PluginWarning, match=rf"'{name}': RuntimeError: index not built"):
         registry = Registry()
     assert "half-done" not in registry.names("retriever")
     assert name not in [p.name for p in registry.plugins]
 
 
-def test_allow_list_loads_only_named_entry_points(tmp_path, monkeypatch):
-    name = install_plugin(tmp_path, monkeypatch, GOOD)
+def test_allow_list_loads_only_named_entry_points(install_plugin, monkeypatch):
+    name = install_plugin(GOOD)
     monkeypatch.setenv("MHEE_PLUGINS", "something-else")
-    assert "always" not in Registry().names("exit_policy")
-    monkeypatch.setenv("MHEE_PLUGINS", f"something-else,{name}")
+    with pytest.warns(PluginWarning, match=r"MHEE_PLUGINS / allow names 'something-else', which no plugin has"):
+        assert "always" not in Registry().names("exit_policy")
+    monkeypatch.setenv("MHEE_PLUGINS", f"{name}")
     assert "always" in Registry().names("exit_policy")
 
 
-def test_duplicate_name_names_both_plugins(tmp_path, monkeypatch):
+def test_any_plugin_can_be_switched_off_by_name(install_plugin, monkeypatch):
+    name = install_plugin(GOOD)
+    monkeypatch.setenv("MHEE_DISABLE_PLUGINS", f"{name},mhee_sdk.backbones.tiny")
+    registry = Registry()
+    assert "always" not in registry.names("exit_policy")
+    assert "tiny" not in registry.names("backbone") and "smollm2-135m" in registry.names("backbone")
+    assert sorted(registry.disabled) == sorted([name, "mhee_sdk.backbones.tiny"])
+    assert Registry(disable=[]).names("backbone").count("tiny") == 1  # the argument wins over the variable
+    with pytest.warns(PluginWarning, match=r"names 'mhee_sdk.backbone.tiny', which no plugin has"):
+        Registry(disable=["mhee_sdk.backbone.tiny"])  # a typo is reported, not silently ignored
+
+
+def test_strict_flag_must_be_a_flag(monkeypatch):
+    monkeypatch.setenv("MHEE_STRICT_PLUGINS", "2")
+    with pytest.raises(PluginError, match=r"MHEE_STRICT_PLUGINS='2' is not a flag; use 1 \(on\) or 0 \(off\)"):
+        Registry()
+
+
+def test_duplicate_name_names_both_plugins(install_plugin, monkeypatch):
     source = """
     from mhee_sdk import hookimpl
 
@@ -119,7 +123,7 @@ def test_duplicate_name_names_both_plugins(tmp_path, monkeypatch):
     def register_exit_policies(register):
         register("max-prob", dict)
     """
-    name = install_plugin(tmp_path, monkeypatch, source)
+    name = install_plugin(source)
     message = rf"exit policy 'max-prob' is registered by both 'mhee_sdk.exits.policies' and '{name}'"
     with pytest.warns(PluginWarning, match=message):
         registry = Registry()

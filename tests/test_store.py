@@ -11,7 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mhee_sdk.exits.policies import MaxProb
-from mhee_sdk.store import Store, StoreError, Terminated, rank_auc
+from mhee_sdk.metrics import rank_auc
+from mhee_sdk.store import Store, StoreError, Terminated
 from mhee_sdk.testing import synthetic_full_depth_run
 
 

@@ -29,46 +29,47 @@ class _Head(nn.Module):
     """A correct linear head to break one way at a time."""
 
     trainable = True
+    needs_features = False
 
-    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+    def __init__(self, hidden_size: int, layer: int, backbone: object = None) -> None:
         super().__init__()
         self.layer = layer
         self.linear = nn.Linear(hidden_size, 1)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(hidden).squeeze(-1)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
 
 
 class KeepsLastDim(_Head):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.linear(hidden))  # [B, 1]
 
 
 class ReturnsLogOdds(_Head):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(hidden)
 
 
 class BatchNormalised(_Head):
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(hidden - hidden.mean(0)).squeeze(-1)
 
 
 class NoisyInEval(_Head):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden) + torch.randn(len(hidden)))
 
 
 class TemperatureMismatch(_Head):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden) / 2)
 
 
 class ForgetsLayer(_Head):
-    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+    def __init__(self, hidden_size: int, layer: int, backbone: object = None) -> None:
         super().__init__(hidden_size, layer)
         del self.layer
 
@@ -77,29 +78,40 @@ class NotTrainable(_Head):
     trainable = "no"  # type: ignore[assignment]
 
 
+class ForgetsNeedsFeatures(_Head):
+    needs_features = None  # type: ignore[assignment]
+
+
+class NoFeaturesArgument(_Head):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.sigmoid(self.logits(hidden))
+
+
 class NoParameters(nn.Module):
     trainable = True
+    needs_features = False
 
-    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+    def __init__(self, hidden_size: int, layer: int, backbone: object = None) -> None:
         super().__init__()
         self.layer = layer
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return hidden[:, 0]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
 
 
 class NoLogits(nn.Module):
     trainable = True
+    needs_features = False
 
-    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+    def __init__(self, hidden_size: int, layer: int, backbone: object = None) -> None:
         super().__init__()
         self.layer = layer
         self.linear = nn.Linear(hidden_size, 1)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.linear(hidden).squeeze(-1))
 
 
@@ -124,9 +136,11 @@ class PlainObject:
         (TemperatureMismatch, "forward() is not sigmoid(logits())", "return torch.sigmoid(self.logits(hidden))"),
         (ForgetsLayer, "has layer='<missing>', expected 3", "self.layer = layer"),
         (NotTrainable, "has trainable='no', not a bool", "trainable = True"),
+        (ForgetsNeedsFeatures, "has needs_features=None, not a bool", "needs_features = False"),
+        (NoFeaturesArgument, "forward(hidden, features) raised TypeError", "accept a second argument features=None"),
         (NoParameters, "has no parameters that require grad", "or set trainable = False"),
-        (NoLogits, "has no logits() method", "add logits(hidden)"),
-        (positional_factory, "raised TypeError", "add **_ to ignore the ones you do not use"),
+        (NoLogits, "has no logits() method", "add logits(hidden, features=None)"),
+        (positional_factory, "raised TypeError", "accept the keyword arguments hidden_size, layer and backbone"),
         (PlainObject, "is a PlainObject, not a torch.nn.Module", "subclass torch.nn.Module"),
     ],
 )

@@ -16,7 +16,7 @@ from mhee_sdk.exits.policies import MaxProb, MultiHead
 from mhee_sdk.registry import Registry
 from mhee_sdk.store import Store
 from mhee_sdk.widgets import ExitExplorer, PolicyTuner, RunBrowser
-from mhee_sdk.widgets.explorer import confidence_level
+from mhee_sdk.widgets.explorer import confidence_thresholds
 from mhee_sdk.widgets.rendering import output_pngs
 
 TINY = dict(
@@ -179,8 +179,30 @@ def test_nbconvert_without_widget_state_shows_the_png(runs):
      ("entropy", {"threshold": 0.6})],
 )  # fmt: skip
 def test_trace_threshold_is_where_the_policy_starts_to_exit(policy, params):
-    level = confidence_level(policy, params)
-    decide = Registry(load_entry_points=False).create("exit_policy", policy, **params).decide
+    registry = Registry(load_entry_points=False)
+    lines, per_layer = confidence_thresholds(policy, params, [1, 2], registry)
+    assert per_layer == {} and len(lines) == 2
+    level = lines[1]
+    decide = registry.create("exit_policy", policy, **params).decide
     probs = np.array([[level - 1e-3], [level + 1e-3], [1 - level + 1e-3], [1 - level - 1e-3]])
     assert decide(1, probs).tolist() == [False, True, False, True]
-    assert confidence_level("patience", {"patience": 2}) is None
+    assert confidence_thresholds("patience", {"patience": 2}, [1, 2], registry) == ([], {})
+
+
+def test_a_plugin_policy_gets_its_own_sliders_and_threshold_line(runs):
+    from mhee_plugin_template import ConsecutiveConfident, plugin
+
+    store, full, _, _ = runs
+    registry = Registry(load_entry_points=False)
+    registry.add_plugin(plugin, name="template")
+    tuner = PolicyTuner(store, full, policy="consecutive-confident", registry=registry)
+    assert list(tuner.sliders) == ["threshold", "count"]  # declared by the plugin, not known to the widget
+    assert (tuner.sliders["threshold"].value, tuner.sliders["count"].value) == (0.8, 2)
+    tuner.sliders["threshold"].value = 0.6
+    tuner.sliders["count"].value = 1
+    expected = store.replay(full, ConsecutiveConfident(count=1, threshold=0.6)).metrics
+    _same_metrics(tuner.current_metrics, expected)
+    assert expected["mean_exit_layer"] < 6
+    run_id = tuner.save_as_run()
+    explorer = ExitExplorer(store, run_id, registry=registry)
+    assert explorer.thresholds == pytest.approx([0.4, 0.6])  # the plugin's own confidence_levels

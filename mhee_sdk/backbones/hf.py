@@ -19,15 +19,27 @@ import torch
 from torch import nn
 
 from mhee_sdk import assets
+from mhee_sdk.adapters import Adapter, load_adapter
 from mhee_sdk.hookspecs import hookimpl
 from mhee_sdk.interfaces import LayerState
 
-SYSTEM_PROMPT = "You are a movie recommender. Answer with Yes or No."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from its name (``float32``, ``bfloat16``, ``float16``); None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported; choose from: {', '.join(DTYPES)}")
 
 
 class HFBackbone:
@@ -38,7 +50,9 @@ class HFBackbone:
         tokenizer: its tokenizer; a chat template, when present, wraps each prompt.
         name: registry name, used in fingerprints and reports.
         device: default CUDA when available, else CPU.
-        system_prompt: system message for chat templates (None: the template's default).
+        dtype: precision of the weights and hidden states (default float32).
+        fingerprint: identifies the weights (default: a hash of the model config); the adapter and dtype are added.
+        adapter: a fine-tuned adapter (``mhee_sdk.adapters.load_adapter``) applied to the model at construction.
     """
 
     def __init__(
@@ -47,8 +61,9 @@ class HFBackbone:
         tokenizer,
         name: str,
         device: str | torch.device | None = None,
-        system_prompt: str | None = SYSTEM_PROMPT,
+        dtype: str | torch.dtype | None = None,
         fingerprint: str | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         base = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -58,30 +73,44 @@ class HFBackbone:
                 "the hf backbone supports Llama, SmolLM2, Mistral and Qwen2/3 models"
             )
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.to(self.device).eval()
+        self.dtype = resolve_dtype(dtype)
+        self.adapter = adapter
+        if adapter is not None:
+            adapter.apply_lora(model)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.base = base
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.name = name
-        self.system_prompt = system_prompt
         self.num_layers = int(model.config.num_hidden_layers)
         self.hidden_size = int(model.config.hidden_size)
-        self.fingerprint = fingerprint or f"{name}:{_config_digest(model)}"
+        fingerprint = fingerprint or f"{name}:{_config_digest(model)}"
+        if self.dtype != torch.float32:  # float32 keeps the fingerprints (and caches) of earlier versions
+            fingerprint += f":{str(self.dtype).removeprefix('torch.')}"
+        if adapter is not None:
+            name, fingerprint = f"{name}+lora:{adapter.name}", f"{fingerprint}+lora:{adapter.name}:{adapter.digest}"
+        self.name = name
+        self.fingerprint = fingerprint
         self.rows_evaluated = 0  # decoder-layer row evaluations, for tests and benchmarks
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, name: str | None = None, device: str | torch.device | None = None, **kwargs
+        cls,
+        path: str | os.PathLike,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        adapter: Adapter | None = None,
     ) -> HFBackbone:
         """Load from a local folder or the local HF cache; never downloads (``local_files_only``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, local_files_only=True, trust_remote_code=False
+            )
         except OSError as err:
             raise FileNotFoundError(
                 f"model {str(path)!r} is not a local folder or in the local Hugging Face cache; mhee never "
@@ -92,43 +121,50 @@ class HFBackbone:
         manifest = Path(path) / ".complete.json"  # written by `mhee assets install`: holds the weights' hash
         digest = json.loads(manifest.read_text())["model.safetensors"][:16] if manifest.is_file() else None
         fingerprint = f"{label}:{digest}" if digest else None
-        return cls(model, tokenizer, name=label, device=device, fingerprint=fingerprint, **kwargs)
+        return cls(model, tokenizer, name=label, device=device, dtype=dtype, fingerprint=fingerprint, adapter=adapter)
+
+    def __repr__(self) -> str:
+        return (
+            f"HFBackbone({self.name!r}, layers={self.num_layers}, hidden={self.hidden_size}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
+        )
 
     # -------------------------------------------------------------- text
-    def format(self, text: str) -> str:
+    def format(self, text: str, system: str | None = None) -> str:
         """Wrap a prompt in the chat template (if the tokenizer has one), ready for the answer token."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.tokenizer.chat_template:
             return text + "\nAnswer:"
         messages = [{"role": "user", "content": text}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` alone (the chat template adds `template_tokens` on top)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    @property
-    def template_tokens(self) -> int:
-        """Tokens the chat template adds around a prompt."""
-        return len(self.tokenizer(self.format(""), add_special_tokens=False)["input_ids"])
+    def template_tokens(self, system: str | None = None) -> int:
+        """Tokens the chat template (with this system message) adds around a prompt."""
+        return len(self.tokenizer(self.format("", system), add_special_tokens=False)["input_ids"])
 
     def answer_token_ids(self, words: Sequence[str] = ("Yes", "No")) -> list[int]:
         """First token id of each answer word as the model would write it after the prompt."""
         return [self.tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
 
     # -------------------------------------------------------------- layers
-    def start(self, texts: Sequence[str], prefix: torch.Tensor | None = None) -> LayerState:
+    def start(
+        self, texts: Sequence[str], prefix: torch.Tensor | None = None, system: str | None = None
+    ) -> LayerState:
         """Tokenize (left padding) and embed: the state before decoder layer 1.
 
         prefix: optional ``[B, S, H]`` input embeddings placed before each prompt (collaborative soft
         tokens). Padding then sits between prefix and prompt; it is masked, and positions count real
-        tokens only, so each row is computed as if it had no padding.
+        tokens only, so each row is computed as if it had no padding. system: the chat system message.
         """
         if not texts:
             raise ValueError("start() needs at least one prompt")
         batch = self.tokenizer(
-            [self.format(t) for t in texts], padding=True, return_tensors="pt", add_special_tokens=False
+            [self.format(t, system) for t in texts], padding=True, return_tensors="pt", add_special_tokens=False
         )
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
@@ -195,21 +231,27 @@ def _config_digest(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def smollm2_135m(device: str | None = None, **kwargs) -> HFBackbone:
-    """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576)."""
-    return HFBackbone.from_pretrained(assets.model_dir(assets.SMOLLM2), name="smollm2-135m", device=device, **kwargs)
+def _adapter(adapter: str | Adapter | None) -> Adapter | None:
+    return load_adapter(adapter) if isinstance(adapter, str) else adapter
 
 
-def hf_model(spec: str, device: str | None = None, **kwargs) -> HFBackbone:
-    """Any Llama-style causal LM from a local folder or the local HF cache: ``hf:<path or id>``."""
-    return HFBackbone.from_pretrained(spec, name=f"hf:{spec}", device=device, **kwargs)
+def smollm2_135m(
+    device: str | None = None, dtype: str | None = None, adapter: str | Adapter | None = None
+) -> HFBackbone:
+    """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name."""
+    return HFBackbone.from_pretrained(
+        assets.model_dir(assets.SMOLLM2), name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter)
+    )
 
 
-def smollm2_135m_lora(spec: str, device: str | None = None, **kwargs) -> HFBackbone:
-    """SmolLM2-135M with a fine-tuned adapter from ``$MHEE_HOME/adapters/<spec>`` (see mhee_sdk.finetune)."""
-    from mhee_sdk.finetune import load_adapter
+def hf_model(spec: str, device: str | None = None, dtype: str | None = None, adapter: str | None = None) -> HFBackbone:
+    """A causal LM from a local folder or the local HF cache: ``hf:<path or id>``."""
+    return HFBackbone.from_pretrained(spec, name=f"hf:{spec}", device=device, dtype=dtype, adapter=_adapter(adapter))
 
-    return load_adapter(smollm2_135m(device=device, **kwargs), spec)
+
+def smollm2_135m_lora(spec: str, device: str | None = None, dtype: str | None = None) -> HFBackbone:
+    """SmolLM2-135M with the fine-tuned adapter ``$MHEE_HOME/adapters/<spec>`` (made by ``mhee finetune``)."""
+    return smollm2_135m(device=device, dtype=dtype, adapter=spec)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from mhee_sdk.adapters import Adapter, load_adapter
 from mhee_sdk.backbones.hf import HFBackbone
 from mhee_sdk.hookspecs import hookimpl
 
@@ -32,8 +33,10 @@ def tiny_backbone(
     seed: int = 0,
     device: str | None = "cpu",
     attn_implementation: str = "sdpa",
+    dtype: str | None = None,
+    adapter: str | Adapter | None = None,
 ) -> HFBackbone:
-    """A random Llama (`num_layers` x `hidden_size`, fixed `seed`) for tests and CI."""
+    """A random Llama (`num_layers` x `hidden_size`, fixed `seed`) for tests and CI; `adapter`: a saved adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -60,7 +63,9 @@ def tiny_backbone(
         tokenizer,
         name="tiny",
         device=device,
+        dtype=dtype,
         fingerprint=f"tiny:L{num_layers}:H{hidden_size}:seed{seed}",
+        adapter=load_adapter(adapter) if isinstance(adapter, str) else adapter,
     )
 
 

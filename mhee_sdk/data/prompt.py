@@ -13,6 +13,7 @@ from mhee_sdk.types import Request, Retrieved
 TEMPLATE_VERSION = "v1"  # bump when the wording changes: cached hidden states are keyed on it
 
 QUESTION = "Will the user like the candidate movie (rate it 4 or 5)? Answer Yes or No."
+SYSTEM_PROMPT = "You are a movie recommender. Answer with Yes or No."
 
 
 def approx_tokens(text: str) -> int:
@@ -34,13 +35,15 @@ class PromptBuilder:
 
     Retrieved interactions are added best first while the prompt stays within `max_tokens`
     (counted by `count_tokens`: pass the backbone's counter for exact budgets; the backbone's chat
-    template adds a fixed number of tokens on top).
+    template adds a fixed number of tokens on top). `system_prompt` is the chat system message the
+    backbone puts before every prompt.
     """
 
     users: pd.DataFrame
     items: pd.DataFrame
     max_tokens: int = 256
     count_tokens: Callable[[str], int] = approx_tokens
+    system_prompt: str | None = SYSTEM_PROMPT
     _user_text: dict[int, str] = field(init=False, repr=False)
     _item_text: dict[int, str] = field(init=False, repr=False)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mhee_sdk.data.log import InteractionLog
+from mhee_sdk.interfaces import ItemEmbeddings, Retriever
 from mhee_sdk.types import Request, Retrieved
 
 FEATURE_NAMES = (
@@ -37,9 +38,13 @@ class CollaborativeFeatures:
         """Number of features."""
         return len(FEATURE_NAMES)
 
-    def fit(self, train: pd.DataFrame, log: InteractionLog, retriever=None) -> CollaborativeFeatures:
-        """Remember the log, the training like-rate prior and the (fitted) retriever."""
+    def fit(
+        self, train: pd.DataFrame, log: InteractionLog, retriever: Retriever | None = None
+    ) -> CollaborativeFeatures:
+        """Remember the log, the training like-rate prior and the (fitted) retriever's item embeddings, if any."""
         self.log, self.retriever = log, retriever
+        # the one check of this optional capability: without item embeddings the GCN score is 0
+        self.item_embeddings = retriever.item_embeddings if isinstance(retriever, ItemEmbeddings) else None
         self.prior = float(train["label"].mean())
         return self
 
@@ -47,7 +52,7 @@ class CollaborativeFeatures:
         """``[N, F]`` float32 features, one row per request."""
         if len(requests) != len(retrieved):
             raise ValueError(f"{len(requests)} requests but {len(retrieved)} retrieved lists")
-        embeddings = getattr(self.retriever, "item_embeddings", None)
+        embeddings = self.item_embeddings
         rows = []
         for request, evidence in zip(requests, retrieved, strict=True):
             item = self.log.raters(request.item, request.ts).rating
@@ -74,7 +79,7 @@ class CollaborativeFeatures:
     def embeddings(self, requests: Sequence[Request]) -> np.ndarray:
         """``[N, 2 * dim]`` GCN vectors per request: the user's fold-in (mean embedding of items liked
         strictly before the request) and the candidate item's embedding; input of collaborative soft tokens."""
-        table = getattr(self.retriever, "item_embeddings", None)
+        table = self.item_embeddings
         if table is None:
             raise ValueError("collaborative soft tokens need a retriever with item_embeddings (use retriever 'gcn')")
         out = np.zeros((len(requests), 2 * table.shape[1]), dtype=np.float32)

@@ -2,7 +2,8 @@
 
 ``linear`` and ``mlp`` are trained (see ``mhee_sdk.train``); ``verbalizer`` reuses the model's own
 final norm and LM head and compares the "Yes" and "No" logits, so it needs no training.
-Every head returns log-odds from ``logits`` and P(like) from ``forward``.
+Every head follows ``mhee_sdk.interfaces.ExitHead``: log-odds from ``logits(hidden, features)`` and
+P(like) from ``forward(hidden, features)``; heads that do not read features ignore them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from mhee_sdk.hookspecs import hookimpl
+from mhee_sdk.interfaces import Backbone, ExitHead, LanguageModelHead, require
 
 
 def default_exit_layers(num_layers: int, every: int = 3) -> list[int]:
@@ -51,24 +54,30 @@ class LinearHead(nn.Module):
     trainable = True
     needs_features = False
 
-    def __init__(self, hidden_size: int, layer: int, **_: object) -> None:
+    def __init__(self, hidden_size: int, layer: int, backbone: Backbone | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.standardize = Standardize(hidden_size)
         self.linear = nn.Linear(hidden_size, 1)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def fit_inputs(self, hidden: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Fit the standardization on training hidden states."""
+        self.standardize.fit(hidden)
+
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Log-odds of "like", ``[B]``."""
         return self.linear(self.standardize(hidden)).squeeze(-1)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
 
 
 class MLPHead(LinearHead):
     """One hidden layer (GELU, dropout) on the standardized hidden state."""
 
-    def __init__(self, hidden_size: int, layer: int, width: int = 128, dropout: float = 0.1, **_: object) -> None:
+    def __init__(
+        self, hidden_size: int, layer: int, width: int = 128, dropout: float = 0.1, backbone: Backbone | None = None
+    ) -> None:
         super().__init__(hidden_size, layer)
         self.linear = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
 
@@ -112,7 +121,12 @@ class HybridHead(nn.Module):
     needs_features = True
 
     def __init__(
-        self, hidden_size: int, layer: int, feature_size: int | None = None, rank: int | None = 8, **_: object
+        self,
+        hidden_size: int,
+        layer: int,
+        feature_size: int | None = None,
+        rank: int | None = 8,
+        backbone: Backbone | None = None,
     ) -> None:
         super().__init__()
         from mhee_sdk.exits.features import FEATURE_NAMES
@@ -122,6 +136,13 @@ class HybridHead(nn.Module):
         self.standardize = LowRank(hidden_size, rank) if rank else Standardize(hidden_size)
         self.feature_standardize = Standardize(feature_size)
         self.linear = nn.Linear((rank or hidden_size) + feature_size, 1)
+
+    def fit_inputs(self, hidden: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Fit the hidden-state projection and the feature standardization on the training rows."""
+        if features is None:
+            raise ValueError("the hybrid head needs collaborative features to fit its standardization")
+        self.standardize.fit(hidden)
+        self.feature_standardize.fit(features)
 
     def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Log-odds of "like" from ``hidden [B, H]`` and ``features [B, F]``."""
@@ -144,29 +165,36 @@ class VerbalizerHead(nn.Module):
     needs_features = False
 
     def __init__(
-        self, hidden_size: int, layer: int, backbone=None, words: Sequence[str] = ("Yes", "No"), **_: object
+        self, hidden_size: int, layer: int, backbone: Backbone | None = None, words: Sequence[str] = ("Yes", "No")
     ) -> None:
         super().__init__()
-        if backbone is None or not hasattr(backbone, "lm_head_rows"):
-            raise ValueError("the verbalizer head needs the backbone (an HFBackbone) to read its LM head")
+        if backbone is None or not isinstance(backbone, LanguageModelHead):
+            raise ValueError(
+                "the verbalizer head needs a backbone with an LM head (interfaces.LanguageModelHead), "
+                f"got {type(backbone).__name__}"
+            )
         self.layer = layer
-        self.norm = copy.deepcopy(backbone.final_norm_module()).requires_grad_(False)
+        self.norm = copy.deepcopy(backbone.final_norm_module()).float().requires_grad_(False)
         self.register_buffer("rows", backbone.lm_head_rows(backbone.answer_token_ids(words)).float())
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Yes-logit minus No-logit, ``[B]`` (softmax over the pair = sigmoid of this)."""
-        scores = self.norm(hidden).float() @ self.rows.T  # [B, 2]
+        scores = self.norm(hidden.float()) @ self.rows.T  # [B, 2]
         return scores[:, 0] - scores[:, 1]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
 
 
 class ExitHeads(nn.Module):
     """One head per exit layer, evaluated in layer order."""
 
-    def __init__(self, heads: Sequence[nn.Module], kind: str = "custom") -> None:
+    def __init__(self, heads: Sequence[ExitHead], kind: str = "custom") -> None:
         super().__init__()
+        for head in heads:
+            require(head, ExitHead, f"exit head of kind {kind!r}:")
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"exit head of kind {kind!r}: {type(head).__name__} is not a torch.nn.Module")
         layers = [int(h.layer) for h in heads]
         if not layers or layers != sorted(set(layers)):
             raise ValueError(f"exit heads need distinct layers in increasing order, got {layers}")
@@ -174,35 +202,52 @@ class ExitHeads(nn.Module):
         self.layers = layers
         self.heads = nn.ModuleDict({str(layer): head for layer, head in zip(layers, heads, strict=True)})
 
-    def __getitem__(self, layer: int) -> nn.Module:
+    def __getitem__(self, layer: int) -> ExitHead:
         return self.heads[str(layer)]
 
     def __contains__(self, layer: int) -> bool:
         return str(layer) in self.heads
 
+    def __repr__(self) -> str:
+        return f"ExitHeads({self.kind!r}, layers={self.layers})"
+
     @property
     def trainable(self) -> bool:
         """True when any head has parameters to fit."""
-        return any(getattr(h, "trainable", True) for h in self.heads.values())
+        return any(head.trainable for head in self.heads.values())
 
     @property
     def needs_features(self) -> bool:
         """True when any head reads collaborative features beside the hidden state."""
-        return any(getattr(h, "needs_features", False) for h in self.heads.values())
+        return any(head.needs_features for head in self.heads.values())
 
     def predict(self, layer: int, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """P(like) of the head on `layer`, passing `features` to heads that read them."""
-        head = self.heads[str(layer)]
-        return head(hidden, features) if getattr(head, "needs_features", False) else head(hidden)
+        """P(like) of the head on `layer`, ``[B]``."""
+        return self.heads[str(layer)](hidden, features)
 
     def logits(self, layer: int, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Log-odds of the head on `layer` (for training)."""
-        head = self.heads[str(layer)]
-        return head.logits(hidden, features) if getattr(head, "needs_features", False) else head.logits(hidden)
+        return self.heads[str(layer)].logits(hidden, features)
+
+
+def check_head_output(probs: np.ndarray, layer: int, kind: str) -> np.ndarray:
+    """Head outputs must be probabilities: finite and in [0, 1]. Raises naming the head and layer."""
+    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+    if bad.any():
+        raise ValueError(
+            f"exit head {kind!r} on layer {layer} returned {probs[bad][0]!r} for {int(bad.sum())} of {len(probs)} "
+            "rows; a head must return P(like) in [0, 1] (check its inputs for NaN and that forward applies sigmoid)"
+        )
+    return probs
 
 
 def build_heads(
-    kind: str, backbone, layers: Sequence[int] | None = None, registry=None, seed: int = 0, **params: object
+    kind: str,
+    backbone: Backbone,
+    layers: Sequence[int] | None = None,
+    registry=None,
+    seed: int = 0,
+    **params: object,
 ) -> ExitHeads:
     """Heads of registered `kind` on `layers` (default: every 3rd layer and the last), initialised from `seed`."""
     from mhee_sdk.registry import get_registry

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from mhee_sdk.hookspecs import hookimpl
+from mhee_sdk.interfaces import ExitPolicy, Knob
+from mhee_sdk.metrics import WeightedAUC
+
+FULL_DEPTH = "never"
+"""The policy of a full-depth run: every exit head logged for every request, so any policy can be replayed on it."""
 
 
 def _confidence(p: np.ndarray) -> np.ndarray:
     return np.maximum(p, 1.0 - p)
+
+
+def _levels(level: float, layers: Sequence[int]) -> dict[int, float]:
+    return {int(layer): float(level) for layer in layers}
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> float:
@@ -30,7 +40,8 @@ def _check_range(name: str, value: float, low: float, high: float) -> float:
 class Never:
     """Full depth: never exit early (the engine stops at the last exit layer)."""
 
-    name: str = field(default="never", init=False)
+    name: str = field(default=FULL_DEPTH, init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = ()
 
     def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
         return np.zeros(len(probs), dtype=bool)
@@ -42,6 +53,7 @@ class FixedLayer:
 
     layer: int = 12
     name: str = field(default="fixed-layer", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (Knob("layer", exit_layers=True, integer=True, default=12),)
 
     def __post_init__(self) -> None:
         if int(self.layer) < 1:
@@ -57,12 +69,17 @@ class MaxProb:
 
     threshold: float = 0.9
     name: str = field(default="max-prob", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (Knob("threshold", 0.5, 1.0, 0.01, 0.9),)
 
     def __post_init__(self) -> None:
         _check_range("threshold", self.threshold, 0.5, 1.0)
 
     def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
         return _confidence(probs[:, -1]) >= self.threshold
+
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """The threshold itself, at every layer."""
+        return _levels(self.threshold, layers)
 
 
 @dataclass
@@ -71,6 +88,7 @@ class Entropy:
 
     threshold: float = 0.5
     name: str = field(default="entropy", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (Knob("threshold", 0.0, 1.0, 0.01, 0.5),)
 
     def __post_init__(self) -> None:
         _check_range("threshold", self.threshold, 0.0, 1.0)
@@ -80,6 +98,12 @@ class Entropy:
         entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
         return entropy <= self.threshold
 
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """The p in [0.5, 1] whose binary entropy is the threshold (entropy falls as p grows there)."""
+        p = np.linspace(0.5, 1.0 - 1e-9, 20001)
+        entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+        return _levels(p[np.argmax(entropy <= self.threshold)], layers)
+
 
 @dataclass
 class Margin:
@@ -87,12 +111,17 @@ class Margin:
 
     threshold: float = 0.8
     name: str = field(default="margin", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (Knob("threshold", 0.0, 1.0, 0.01, 0.8),)
 
     def __post_init__(self) -> None:
         _check_range("threshold", self.threshold, 0.0, 1.0)
 
     def decide(self, layer: int, probs: np.ndarray) -> np.ndarray:
         return np.abs(2.0 * probs[:, -1] - 1.0) >= self.threshold
+
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """|2p - 1| >= m is max(p, 1 - p) >= (1 + m) / 2."""
+        return _levels((1.0 + self.threshold) / 2.0, layers)
 
 
 def _stable(probs: np.ndarray, window: int) -> np.ndarray:
@@ -112,6 +141,7 @@ class Patience:
 
     patience: int = 2
     name: str = field(default="patience", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (Knob("patience", 1, 5, 1, 2, integer=True),)
 
     def __post_init__(self) -> None:
         if int(self.patience) < 1:
@@ -129,6 +159,10 @@ class MultiHead:
     ratio: float = 3.0
     window: int = 2
     name: str = field(default="multi-head", init=False)
+    knobs: ClassVar[tuple[Knob, ...]] = (
+        Knob("ratio", 1.0, 20.0, 0.5, 3.0, log=True),  # a ratio's effect is multiplicative
+        Knob("window", 1, 4, 1, 2, integer=True),
+    )
 
     def __post_init__(self) -> None:
         if not self.ratio >= 1.0:
@@ -140,6 +174,10 @@ class MultiHead:
         p = probs[:, -1]
         high, low = _confidence(p), np.minimum(p, 1.0 - p)
         return (high >= self.ratio * low) & _stable(probs, int(self.window))
+
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """p / (1 - p) >= r is max(p, 1 - p) >= r / (1 + r) (the window must agree as well)."""
+        return _levels(self.ratio / (1.0 + self.ratio), layers)
 
 
 @dataclass
@@ -173,6 +211,19 @@ class Calibrated:
         threshold = self.thresholds.get(int(layer), np.inf)
         return _confidence(probs[:, -1]) >= threshold
 
+    @property
+    def is_calibrated(self) -> bool:
+        """True once thresholds are set (by :meth:`calibrate` or from a stored run)."""
+        return bool(self.thresholds)
+
+    def calibrated_params(self) -> dict[str, Any]:
+        """The thresholds, keyed by layer as text (what a run config stores)."""
+        return {"thresholds": {str(layer): value for layer, value in self.thresholds.items()}}
+
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """The calibrated per-layer thresholds (layers where it never exits left out)."""
+        return {layer: value for layer, value in self.thresholds.items() if np.isfinite(value) and layer in layers}
+
     def calibrate(
         self,
         probs: np.ndarray,
@@ -194,7 +245,7 @@ class Calibrated:
         if self.resamples:
             rng = np.random.default_rng(self.seed)
             weights = np.vstack([weights, rng.multinomial(n, np.full(n, 1.0 / n), size=int(self.resamples))])
-        auc_under = _WeightedAUC(labels, weights)
+        auc_under = WeightedAUC(labels, weights)
         reference = auc_under(probs[:, -1])
 
         def within_budget() -> bool:
@@ -214,34 +265,6 @@ class Calibrated:
         return self
 
 
-def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUC of one score vector under each row of ``weights[B, N]`` (e.g. bootstrap counts), ties counted half."""
-    return _WeightedAUC(labels, weights)(scores)
-
-
-class _WeightedAUC:
-    """Mann-Whitney AUC under B weightings of fixed labels: one sort of the negatives serves all B rows."""
-
-    def __init__(self, labels: np.ndarray, weights: np.ndarray) -> None:
-        self.positive = np.asarray(labels).astype(bool)
-        weights = np.asarray(weights, dtype=np.float64)
-        self.w_pos, self.w_neg = weights[:, self.positive], weights[:, ~self.positive]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.norm = 1.0 / (self.w_pos.sum(axis=1) * self.w_neg.sum(axis=1))  # inf: a one-class resample
-
-    def __call__(self, scores: np.ndarray) -> np.ndarray:
-        scores = np.asarray(scores, dtype=np.float64)
-        neg_scores, pos_scores = scores[~self.positive], scores[self.positive]
-        order = np.argsort(neg_scores, kind="stable")
-        cumulative = np.zeros((len(self.w_neg), len(order) + 1))
-        np.cumsum(self.w_neg[:, order], axis=1, out=cumulative[:, 1:])  # weight of negatives up to each rank
-        low = np.searchsorted(neg_scores[order], pos_scores, side="left")  # negatives strictly below
-        high = np.searchsorted(neg_scores[order], pos_scores, side="right")  # ... plus those tied
-        wins = (self.w_pos * (cumulative[:, low] + cumulative[:, high])).sum(axis=1) * 0.5
-        with np.errstate(invalid="ignore"):
-            return np.where(np.isfinite(self.norm), wins * self.norm, np.nan)
-
-
 @dataclass(frozen=True)
 class Replay:
     """Where each row exits: index into the exit layers, the layer itself, and the prob there."""
@@ -251,7 +274,26 @@ class Replay:
     prob: np.ndarray
 
 
-def replay(policy, probs: np.ndarray, layers: Sequence[int]) -> Replay:
+def decide_rows(policy: ExitPolicy, layer: int, probs: np.ndarray) -> np.ndarray:
+    """The policy's decision for each row of ``probs [B, j]``, checked: a bool array of shape ``[B]``.
+
+    The live engine and :func:`replay` both go through here, so a policy that breaks the contract fails
+    the same way in both (and never silently broadcasts, or turns NaN into "exit").
+    """
+    decision = np.asarray(policy.decide(int(layer), probs))
+    if decision.shape != (len(probs),):
+        raise ValueError(
+            f"policy {policy.name!r} returned shape {decision.shape} at layer {layer}, expected ({len(probs)},)"
+        )
+    if decision.dtype != np.bool_:
+        raise ValueError(
+            f"policy {policy.name!r} returned {decision.dtype} decisions at layer {layer}; "
+            "return a numpy bool array (True = exit here)"
+        )
+    return decision
+
+
+def replay(policy: ExitPolicy, probs: np.ndarray, layers: Sequence[int]) -> Replay:
     """Run `policy` over logged per-layer outputs ``probs[N, L]`` exactly as the engine would live.
 
     Policies decide each row from its own outputs only, so asking every row at every layer and taking
@@ -263,14 +305,14 @@ def replay(policy, probs: np.ndarray, layers: Sequence[int]) -> Replay:
         raise ValueError(f"probs has {width} columns but {len(layers)} exit layers were given")
     stops = np.ones((n, width), dtype=bool)  # the last exit layer always stops
     for j, layer in enumerate(layers[:-1]):
-        stops[:, j] = np.asarray(policy.decide(int(layer), probs[:, : j + 1]), dtype=bool)
+        stops[:, j] = decide_rows(policy, layer, probs[:, : j + 1])
     index = stops.argmax(axis=1)  # first True
     return Replay(index=index, layer=np.asarray(layers)[index], prob=probs[np.arange(n), index])
 
 
 @hookimpl
 def register_exit_policies(register) -> None:
-    register("never", Never)
+    register(FULL_DEPTH, Never)
     register("fixed-layer", FixedLayer)
     register("max-prob", MaxProb)
     register("entropy", Entropy)

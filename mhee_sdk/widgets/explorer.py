@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import ipywidgets as widgets
@@ -10,37 +11,40 @@ import numpy as np
 import pandas as pd
 
 from mhee_sdk import plots
+from mhee_sdk.interfaces import ThresholdPolicy
+from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.widgets.rendering import StaticFallback, escape, show_figures
 
 MAX_OPTIONS = 500  # a Dropdown with thousands of entries is slow in every frontend; the search narrows it
 
 
-def confidence_level(policy: str, params: dict[str, Any]) -> float | None:
-    """The max(p, 1 - p) at which `policy` exits, for policies with one global threshold (else None)."""
-    if policy == "max-prob" and "threshold" in params:
-        return float(params["threshold"])
-    if policy == "margin" and "threshold" in params:  # |2p - 1| >= m
-        return (1.0 + float(params["threshold"])) / 2.0
-    if policy == "multi-head" and "ratio" in params:  # p / (1 - p) >= r
-        return float(params["ratio"]) / (1.0 + float(params["ratio"]))
-    if policy == "entropy" and "threshold" in params:  # binary entropy (bits) <= t, decreasing on [0.5, 1]
-        p = np.linspace(0.5, 1.0 - 1e-9, 20001)
-        entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-        return float(p[np.argmax(entropy <= float(params["threshold"]))])
-    return None
+def confidence_thresholds(
+    policy: str, params: dict[str, Any], layers: Sequence[int], registry: Registry | None = None
+) -> tuple[list[float], dict[int, float]]:
+    """The confidence levels at which a run's policy exits, as the policy states them (``ThresholdPolicy``).
 
-
-def layer_confidences(params: dict[str, Any]) -> dict[int, float]:
-    """Per-layer confidence thresholds (``calibrated``'s ``thresholds``), finite ones only."""
-    found = params.get("thresholds") or {}
-    return {int(layer): float(value) for layer, value in found.items() if np.isfinite(float(value))}
+    Returns ``(global levels, {})`` when one level holds at every layer (drawn as lines at the level and at
+    1 - level), else ``([], {layer: level})``; ``([], {})`` for policies with no such level (or unknown ones).
+    """
+    registry = registry or get_registry()
+    if not policy or policy not in registry.names("exit_policy"):
+        return [], {}
+    built = registry.create("exit_policy", policy, **params)
+    if not isinstance(built, ThresholdPolicy):
+        return [], {}
+    levels = built.confidence_levels(layers)
+    values = set(levels.values())
+    if len(values) == 1 and set(levels) == {int(layer) for layer in layers}:
+        level = values.pop()
+        return sorted({level, 1.0 - level}), {}
+    return [], levels
 
 
 class ExitExplorer(StaticFallback, widgets.VBox):
     """A run's exit-layer histogram and a request picker showing prompt, retrieved items and head outputs."""
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, registry: Registry | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.record = store.run(run_id)
@@ -53,9 +57,8 @@ class ExitExplorer(StaticFallback, widgets.VBox):
             self.evidence_run = self.record["parent_run"]
         self.requests = store.requests(self.evidence_run).set_index("request_id")
         policy, params = self.record["config"].get("policy", ""), self.record["config"].get("policy_params", {})
-        level = confidence_level(policy, params)
-        self.thresholds = [] if level is None else sorted({level, 1.0 - level})
-        self.layer_thresholds = layer_confidences(params)
+        run_layers = self.record["exit_layers"] or sorted(int(x) for x in self.predictions["exit_layer"].unique())
+        self.thresholds, self.layer_thresholds = confidence_thresholds(policy, params, run_layers, registry)
         self.histogram = widgets.Output()
         self.search = widgets.Text(placeholder="request id, user or item", description="search",
                                    continuous_update=True)  # fmt: skip
@@ -74,7 +77,7 @@ class ExitExplorer(StaticFallback, widgets.VBox):
             widgets.HBox([self.trace, text], layout=widgets.Layout(flex_flow="row wrap")),
         ])  # fmt: skip
         self.add_class("mhee-exit-explorer")
-        self.layers = self.record["exit_layers"] or sorted(int(x) for x in self.predictions["exit_layer"].unique())
+        self.layers = run_layers
         show_figures(self.histogram, [plots.exit_histogram(self.predictions["exit_layer"], self.layers)])
         self.search.observe(lambda _: self._filter(), "value")
         self.request_select.observe(lambda change: self.show(change["new"]), "value")

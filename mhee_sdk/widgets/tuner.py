@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as widgets
@@ -10,37 +9,20 @@ import numpy as np
 import pandas as pd
 
 from mhee_sdk import plots
+from mhee_sdk.exits.policies import FULL_DEPTH
+from mhee_sdk.interfaces import CalibratedPolicy, ExitPolicy, Knob, TunablePolicy
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import ReplayResult, Store, StoreError
-from mhee_sdk.widgets.queries import full_depth_runs
 from mhee_sdk.widgets.rendering import StaticFallback, escape, show_figures
 
-
-@dataclass(frozen=True)
-class Knob:
-    """One policy parameter's slider: range, step and start; `exit_layers` ranges over the run's exit layers."""
-
-    low: float = 0.0
-    high: float = 1.0
-    step: float = 0.01
-    default: float = 0.5
-    integer: bool = False
-    exit_layers: bool = False
-    log: bool = False  # sweep on a log scale (a ratio's effect is multiplicative)
-
-
-# policy -> its parameters; the first is the main one, swept for the Pareto curve
-KNOBS: dict[str, dict[str, Knob]] = {
-    "max-prob": {"threshold": Knob(0.5, 1.0, 0.01, 0.9)},
-    "entropy": {"threshold": Knob(0.0, 1.0, 0.01, 0.5)},
-    "margin": {"threshold": Knob(0.0, 1.0, 0.01, 0.8)},
-    "patience": {"patience": Knob(1, 5, 1, 2, integer=True)},
-    "multi-head": {"ratio": Knob(1.0, 20.0, 0.5, 3.0, log=True), "window": Knob(1, 4, 1, 2, integer=True)},
-    "fixed-layer": {"layer": Knob(exit_layers=True)},
-}
 METRICS = {"auc": "AUC {:.4f}", "logloss": "LogLoss {:.4f}", "mean_exit_layer": "mean exit layer {:.2f}",
            "layer_savings": "est. speedup {:.2f}x"}  # fmt: skip
 READ_ONLY_TIP = "The store was opened read-only; open it with Store.open(path) to save runs."
+
+
+def knobs_of(policy: ExitPolicy) -> tuple[Knob, ...]:
+    """The sliders a policy declares (``interfaces.TunablePolicy``); none for the others."""
+    return tuple(policy.knobs) if isinstance(policy, TunablePolicy) else ()
 
 
 def tunable_policies(registry: Registry) -> list[str]:
@@ -53,7 +35,7 @@ def tunable_policies(registry: Registry) -> list[str]:
             policy = registry.create("exit_policy", name)
         except (TypeError, ValueError):  # a plugin policy that needs arguments we have no slider for
             continue
-        if not hasattr(policy, "calibrate"):  # calibration needs validation outputs, which the store lacks
+        if not isinstance(policy, CalibratedPolicy):  # calibration needs validation outputs, which the store lacks
             names.append(name)
     return names
 
@@ -66,13 +48,13 @@ class PolicyTuner(StaticFallback, widgets.VBox):
         self.registry = registry or get_registry()
         self.record = store.run(run_id)
         used = self.record["config"].get("policy", self.record["kind"])
-        if self.record["status"] != "finished" or used != "never":
-            candidates = full_depth_runs(store, self.record["requests_key"])
-            hint = "make one with Experiment.run('never', store=store)"
+        if self.record["status"] != "finished" or used != FULL_DEPTH or self.record["kind"] != "live":
+            candidates = store.full_depth_runs(self.record["requests_key"])
+            hint = f"make one with Experiment.run({FULL_DEPTH!r}, store=store)"
             if candidates:
                 hint = f"pass one of: {', '.join(candidates)}"
             raise ValueError(
-                f"PolicyTuner needs a finished full-depth run (policy 'never', every exit layer logged); run "
+                f"PolicyTuner needs a finished full-depth run (policy {FULL_DEPTH!r}, every exit layer logged); run "
                 f"{run_id!r} is {self.record['status']} with policy {used!r}: {hint}"
             )
         _, self.exit_layers, _ = store.layer_matrix(run_id)  # raises if some request lacks a layer
@@ -115,21 +97,23 @@ class PolicyTuner(StaticFallback, widgets.VBox):
     def _build_sliders(self) -> None:
         for old in self.sliders.values():
             old.close()
-        self.sliders = {
-            name: self._slider(name, knob) for name, knob in KNOBS.get(self.policy_select.value, {}).items()
-        }
+        self.knobs = knobs_of(self.registry.create("exit_policy", self.policy_select.value))
+        self.sliders = {knob.name: self._slider(knob) for knob in self.knobs}
         for slider in self.sliders.values():
             slider.observe(lambda _: self.update(), "value")
         self.sliders_box.children = list(self.sliders.values())
         self.update()
 
-    def _slider(self, name: str, knob: Knob) -> widgets.ValueWidget:
+    def _slider(self, knob: Knob) -> widgets.ValueWidget:
+        name = knob.name
         common = {"description": name, "continuous_update": False, "layout": widgets.Layout(width="28em")}
         if knob.exit_layers:
             middle = self.exit_layers[len(self.exit_layers) // 2]
             slider = widgets.SelectionSlider(options=self.exit_layers, value=middle, **common)
         elif knob.integer:
-            slider = widgets.IntSlider(min=knob.low, max=knob.high, step=knob.step, value=knob.default, **common)
+            slider = widgets.IntSlider(
+                min=int(knob.low), max=int(knob.high), step=int(knob.step), value=int(knob.default), **common
+            )
         else:
             slider = widgets.FloatSlider(min=knob.low, max=knob.high, step=knob.step, value=knob.default, **common)
         return slider.add_class(f"mhee-knob-{name}")
@@ -150,7 +134,7 @@ class PolicyTuner(StaticFallback, widgets.VBox):
 
     def _sweep(self, name: str, params: dict[str, Any]) -> pd.DataFrame:
         """The main parameter swept, the others as set now; cached per policy and other parameters."""
-        knobs = KNOBS.get(name, {})
+        knobs = {knob.name: knob for knob in self.knobs}
         main = next(iter(knobs), None)
         others = {key: value for key, value in params.items() if key != main}
         key = (name, tuple(sorted(others.items())))

@@ -9,13 +9,21 @@ Rename the class and its ``name``, then rewrite ``decide``. The rules every exit
 * each row is decided from that row alone and from nothing but ``(layer, probs)``: the engine drops
   finished rows between calls, and offline replay calls it on logged outputs, so anything else
   (batch statistics, counters kept on ``self``, randomness) makes live and replayed runs disagree.
+
+Two optional extras (see ``mhee_sdk.interfaces``): ``knobs`` gives the policy sliders in the notebook
+``PolicyTuner`` (``TunablePolicy``), and ``confidence_levels`` draws its threshold in ``ExitExplorer``
+(``ThresholdPolicy``). Delete them if your policy has neither.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+
+from mhee_sdk import Knob
 
 
 @dataclass
@@ -31,6 +39,11 @@ class ConsecutiveConfident:
     threshold: float = 0.8
     # `name` labels runs and progress bars; keep it equal to the registered name.
     name: str = field(default="consecutive-confident", init=False)
+    # Optional: one slider per tunable parameter; the first is swept for the tuner's Pareto curve.
+    knobs: ClassVar[tuple[Knob, ...]] = (
+        Knob("threshold", low=0.5, high=1.0, step=0.01, default=0.8),
+        Knob("count", low=1, high=5, step=1, default=2, integer=True),
+    )
 
     def __post_init__(self) -> None:
         # Reject bad parameters when the policy is built, naming the value and what is allowed.
@@ -47,3 +60,7 @@ class ConsecutiveConfident:
         recent = probs[:, -self.count :]  # [B, count]
         confidence = np.maximum(recent, 1.0 - recent)
         return (confidence >= self.threshold).all(axis=1)
+
+    def confidence_levels(self, layers: Sequence[int]) -> dict[int, float]:
+        """Optional: the confidence it compares with, per exit layer (the explorer draws it)."""
+        return {int(layer): float(self.threshold) for layer in layers}
