@@ -75,7 +75,7 @@ def writer(path: str, batches: int, rows: int, pause: float, flush: float) -> No
             print("batch", i, flush=True)
             time.sleep(pause)
     waits = store.lock_waits
-    print("done", time.perf_counter() - started, waits.count, waits.max_s, flush=True)
+    print("done", time.perf_counter() - started, waits.count, waits.max_s, waits.total_s, flush=True)
 
 
 def reader(path: str, stop: str) -> None:
@@ -159,7 +159,8 @@ def case_reader(folder: Path, batches: int) -> list[tuple]:
             lost = _lost(path, [(first, FIRST_RUN), (run_id, 2 * batches)])
         outcome = (
             f"finished; writer {times[False]:.1f} s alone, {times[True]:.1f} s polled, {done[1]} lock waits "
-            f"(worst {float(done[2]) * 1000:.0f} ms); reader: {len(snapshots)} snapshots, {errors} errors, "
+            f"({float(done[3]):.1f} s, worst {float(done[2]) * 1000:.0f} ms); reader: {len(snapshots)} snapshots, "
+            f"{errors} errors, "
             f"whole batches: {'yes' if whole else 'NO'}"
         )
         rows.append((f"reader during a run (flush {flush:g} s)", outcome, lost, "-" if not errors else "n"))

@@ -451,10 +451,11 @@ class Store:
             ).fetchall()
             if others:
                 other, label, pid, host, beat = others[0]
+                who = "a schema-1 writer" if pid is None else f"process {pid} on {host}"
+                beat = "none" if beat is None else f"{beat:%Y-%m-%d %H:%M:%S} UTC"
                 raise StoreBusyError(
-                    f"{self.path} is being written by run {other} ({label!r}) of process {pid} on {host} (last "
-                    f"heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC); one writing run at a time: wait for it to finish, "
-                    "stop it, or record into another store file"
+                    f"{self.path} is being written by run {other} ({label!r}) of {who} (last heartbeat {beat}); "
+                    "one writing run at a time: wait for it to finish, stop it, or record into another store file"
                 )
             now = _now()
             con.execute(

@@ -122,8 +122,13 @@ def _batch(ids: np.ndarray) -> dict[str, pd.DataFrame]:
 def test_a_polling_reader_never_fails_the_writer_and_sees_whole_batches(tmp_path):
     path, stop = tmp_path / "runs.duckdb", tmp_path / "stop"
     Store.open(path)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path), str(stop)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         first = reader.stdout.readline()  # the reader is polling before the run starts
         # commit at most every 0.1 s (default 1 s) and compute 10 ms per batch: much lock traffic
@@ -149,8 +154,10 @@ def test_a_polling_reader_never_fails_the_writer_and_sees_whole_batches(tmp_path
         assert row["predictions"] == row["requests"] and row["outputs"] == 3 * row["predictions"]
         assert row["predictions"] % 2 == 0
     assert max(row["predictions"] for row in seen) > 0
-    print(f"writer: 300 batches in {seconds:.1f} s, waited {store.lock_waits.count} times, "
-          f"worst {store.lock_waits.max_s * 1000:.0f} ms; reader: {len(snapshots)} snapshots")  # fmt: skip
+    print(
+        f"writer: 300 batches in {seconds:.1f} s, waited {store.lock_waits.count} times, "
+        f"worst {store.lock_waits.max_s * 1000:.0f} ms; reader: {len(snapshots)} snapshots"
+    )
 
 
 def test_batches_are_committed_together_at_most_every_flush_seconds(tmp_path):
@@ -182,8 +189,11 @@ def test_one_writing_run_at_a_time(tmp_path):
     try:
         other = _wait_for(writer, "started")
         store = Store.open(path)  # opening, reading and repairing stay possible
-        with pytest.raises(StoreBusyError, match=rf"being written by run {other} \('second'\) of process "
-                                                 rf"{writer.pid} on .*one writing run at a time"):  # fmt: skip
+        with pytest.raises(
+            StoreBusyError,
+            match=rf"being written by run {other} \('second'\) of process "
+            rf"{writer.pid} on .*one writing run at a time",
+        ):
             store.start_run({}, LAYERS, 9)
         assert store.status_counts()["running"] == 1
     finally:
@@ -410,16 +420,23 @@ def test_a_version_1_store_reads_read_only_and_migrates_when_writable(tmp_path):
         INSERT INTO runs VALUES ('stuck', 'b', 'live', 'running', now()::TIMESTAMP - INTERVAL 2 HOUR, NULL, '{}',
             '{}', '[3]', 3, '', NULL, NULL);
         INSERT INTO metrics VALUES ('done', 'auc', 0.7);
-    """)  # fmt: skip
+    """)
     con.close()
     reader = Store.open(path, read_only=True)
     assert reader.schema_version == 1
     assert reader.runs()["auc"].tolist() == [0.7]
     assert reader.runs(include_failed=True)["status"].tolist() == ["finished", "abandoned"]
     assert reader.run("stuck")["error"].startswith("no heartbeat from a schema-1 writer (no pid recorded)")
+    con = duckdb.connect(str(path))
+    con.execute("""INSERT INTO runs VALUES ('recent', 'c', 'live', 'running', now()::TIMESTAMP, NULL, '{}', '{}', '[3]',
+                   3, '', NULL, NULL)""")
+    con.close()
     writer = Store.open(path)
     assert writer.schema_version == 2 and Store.open(path, read_only=True).schema_version == 2
     assert writer.run("stuck")["status"] == "failed"
+    with pytest.raises(StoreBusyError, match=r"run recent \('c'\) of a schema-1 writer \(last heartbeat none\)"):
+        writer.start_run({}, [3], 3)  # a recent run of an older writer may still be writing
+    writer.fail_run("recent", "stopped by hand")
     run_id = writer.start_run({}, [3], 3)
     assert writer.run(run_id)["pid"] == os.getpid()
 
