@@ -30,10 +30,10 @@ from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
-from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output
+from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output, load_heads, save_heads
 from mhee_sdk.exits.policies import FULL_DEPTH
 from mhee_sdk.interfaces import AdaptedBackbone, Backbone, CalibratedPolicy, Dataset, ExitPolicy, Retriever, require
-from mhee_sdk.metrics import summarize
+from mhee_sdk.metrics import run_metrics
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
@@ -247,27 +247,14 @@ class Experiment:
     def save_heads(self, path: str | os.PathLike) -> Path:
         """Save the trained heads with what they were trained on (backbone fingerprint, kind, layers)."""
         self._ensure_heads()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": {k: v.cpu() for k, v in self.heads.state_dict().items()}, "kind": self.heads.kind,
-                    "layers": self.heads.layers, "head_params": dict(self.config.head_params),
-                    "fingerprint": self.backbone.fingerprint, "system": self.system,
-                    "valid_auc": None if self.train_report is None else self.train_report.valid_auc}, path)  # fmt: skip
-        return path
+        valid_auc = None if self.train_report is None else self.train_report.valid_auc
+        return save_heads(self.heads, path, self.backbone.fingerprint, self.config.head_params, valid_auc)
 
     def load_heads(self, path: str | os.PathLike) -> None:
         """Load heads saved by :meth:`save_heads`; they must come from this backbone (same fingerprint)."""
-        saved = torch.load(Path(path), weights_only=True)
-        if saved["fingerprint"] != self.backbone.fingerprint:
-            raise ValueError(
-                f"heads in {path} were trained on backbone {saved['fingerprint']!r}, but this experiment runs "
-                f"{self.backbone.fingerprint!r}; train them here with fit_heads() or use the backbone they came from"
-            )
-        heads = build_heads(saved["kind"], self.backbone, saved["layers"], self.registry, **saved["head_params"])
-        heads.load_state_dict(saved["state"])
-        self.__dict__["heads"] = heads.eval()
-        self.config = self.config.replace(head=saved["kind"], exit_layers=list(saved["layers"]),
-                                          head_params=saved["head_params"])  # fmt: skip
+        heads, head_params = load_heads(path, self.backbone, self.registry)
+        self.__dict__["heads"] = heads
+        self.config = self.config.replace(head=heads.kind, exit_layers=list(heads.layers), head_params=head_params)
         self._heads_ready, self._valid = True, None
 
     def valid_outputs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -385,7 +372,8 @@ class Experiment:
             full = next((j for j, (stored, _, _) in enumerate(prepared) if stored.policy == FULL_DEPTH), None)
             for j, (_, label, _) in enumerate(prepared):
                 ordered = [predictions[j][i] for i in range(len(requests))]
-                metrics = self._metrics(requests, ordered, times[:, j], None if full is None else times[:, full])
+                metrics = run_metrics(requests, ordered, self.backbone.num_layers, times[:, j],
+                                      None if full is None else times[:, full])  # fmt: skip
                 if store is not None:
                     store.add_metrics(run_ids[j], metrics)
                     store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
@@ -454,19 +442,6 @@ class Experiment:
                 "request_id": [r.request_id for r in batch], "prompt": [texts[i] for i in chunk],
                 "retrieved": [json.dumps([asdict(x) for x in retrieved[i]]) for i in chunk]}),
         })  # fmt: skip
-
-    def _metrics(self, requests, predictions, seconds: np.ndarray, full: np.ndarray | None) -> dict[str, float]:
-        metrics = summarize(
-            [r.label for r in requests], [p.prob for p in predictions], [r.user for r in requests],
-            [p.exit_layer for p in predictions], self.backbone.num_layers,
-        )  # fmt: skip
-        metrics["seconds"] = float(seconds.sum())
-        metrics["requests_per_s"] = len(requests) / float(seconds.sum())
-        if full is not None:  # measured in the same run, batch by batch: the per-batch ratios give the spread
-            ratios = full / seconds
-            metrics["speedup"] = float(full.sum() / seconds.sum())
-            metrics["speedup_p25"], metrics["speedup_p75"] = (float(x) for x in np.percentile(ratios, [25, 75]))
-        return metrics
 
     def run_baseline(
         self,

@@ -8,10 +8,14 @@ All count ties as half, so they agree to rounding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+if TYPE_CHECKING:
+    from mhee_sdk.types import Prediction, Request
 
 
 def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
@@ -121,6 +125,29 @@ def summarize(
         "mean_exit_layer": float(exit_layers.mean()),
         "layer_savings": float(num_layers / exit_layers.mean()),
     }
+
+
+def run_metrics(
+    requests: Sequence[Request],
+    predictions: Sequence[Prediction],
+    num_layers: int,
+    seconds: np.ndarray,
+    full_depth_seconds: np.ndarray | None = None,
+) -> dict[str, float]:
+    """A live run's metrics: quality, exits, engine seconds, and the speedup over full depth when measured beside it.
+
+    seconds / full_depth_seconds: per batch, measured side by side (``Experiment.run_many``); the speedup is
+    their totals' ratio, and ``speedup_p25``/``speedup_p75`` the middle half of the per-batch ratios.
+    """
+    metrics = summarize([r.label for r in requests], [p.prob for p in predictions], [r.user for r in requests],
+                        [p.exit_layer for p in predictions], num_layers)  # fmt: skip
+    metrics["seconds"] = float(seconds.sum())
+    metrics["requests_per_s"] = len(requests) / float(seconds.sum())
+    if full_depth_seconds is not None:
+        ratios = full_depth_seconds / seconds
+        metrics["speedup"] = float(full_depth_seconds.sum() / seconds.sum())
+        metrics["speedup_p25"], metrics["speedup_p75"] = (float(x) for x in np.percentile(ratios, [25, 75]))
+    return metrics
 
 
 def exit_histogram(exit_layers: Sequence[int]) -> dict[int, int]:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mhee_sdk import assets
+from mhee_sdk.cache import HiddenStateCache
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import Backbone, FitsInputs
 from mhee_sdk.loop import LayerLoop, check_exit_layers
@@ -63,45 +64,33 @@ def collect_hidden(
 ) -> np.ndarray:
     """Pooled hidden states ``[N, len(layers), H]`` (float16), from the disk cache when present.
 
-    Runs only up to the deepest requested layer. Rows are written batch by batch to a ``.partial``
-    file, so an interrupted call resumes where it stopped. prefix: ``[N, S, H]`` soft tokens, if any;
-    system: the chat system message (see ``Backbone.start``).
+    Runs only up to the deepest requested layer. Entries are checksummed and filled batch by batch
+    (``mhee_sdk.cache.HiddenStateCache``): an interrupted call resumes where it stopped, a damaged entry
+    is reported and rebuilt, and two processes filling the same entry wait for each other.
+    prefix: ``[N, S, H]`` soft tokens, if any; system: the chat system message (see ``Backbone.start``).
     """
     if not texts:
         raise ValueError("collect_hidden needs at least one prompt")
     layers = check_exit_layers(layers, backbone.num_layers)
-    folder = Path(cache_dir) if cache_dir is not None else assets.home() / "hidden"
-    folder.mkdir(parents=True, exist_ok=True)
+    cache = HiddenStateCache(Path(cache_dir) if cache_dir is not None else assets.home() / "hidden")
     # the same weights compute slightly different states on another device type: keep their caches apart
     where = "" if backbone.device.type == "cpu" else f"@{backbone.device.type}"
     key = cache_key(backbone.fingerprint + where, layers, texts, prefix, system)
-    final, partial, progress_file = (folder / f"{key}{ext}" for ext in (".npy", ".partial.npy", ".partial.json"))
-    if final.is_file():
-        return np.load(final, mmap_mode="r")
-    shape = (len(texts), len(layers), backbone.hidden_size)
-    done = 0
-    if partial.is_file() and progress_file.is_file():
-        done = int(json.loads(progress_file.read_text())["rows"])
-        out = np.lib.format.open_memmap(partial, mode="r+")
-    else:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
+    found = cache.get(key)
+    if found is not None:
+        return found
     with (
+        cache.filling(key, (len(texts), len(layers), backbone.hidden_size)) as fill,
         torch.inference_mode(),
-        tqdm(total=len(texts), initial=done, desc="hidden states", disable=not progress, leave=False) as bar,
+        tqdm(total=len(texts), initial=fill.rows_done, desc="hidden states", disable=not progress, leave=False) as bar,
     ):
-        for start in range(done, len(texts), batch_size):
+        for start in range(fill.rows_done, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             chunk_prefix = None if prefix is None else prefix[start : start + len(chunk)]
             loop = LayerLoop(backbone, chunk, layers, prefix=chunk_prefix, system=system)
-            for column, (_, pooled) in enumerate(loop):
-                out[start : start + len(chunk), column] = pooled.float().cpu().numpy()
-            out.flush()
-            progress_file.write_text(json.dumps({"rows": start + len(chunk), "of": len(texts)}))
+            fill.write(start, np.stack([pooled.float().cpu().numpy() for _, pooled in loop], axis=1))  # [B, L, H]
             bar.update(len(chunk))
-    del out
-    os.replace(partial, final)
-    progress_file.unlink()
-    return np.load(final, mmap_mode="r")
+    return cache.get(key)
 
 
 def depth_lr(base: float, boost: float = 1.0) -> Callable[[int, int], float]:

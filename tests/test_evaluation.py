@@ -62,7 +62,9 @@ def test_replay_equals_live(store_and_full, experiment, name, params):
     live_frame = store.predictions(live.run_id).set_index("request_id")
     assert (live_frame["exit_layer"] == replayed.loc[live_frame.index, "exit_layer"]).all()
     np.testing.assert_allclose(live_frame["prob"], replayed.loc[live_frame.index, "prob"], atol=1e-5)
-    assert "speedup" in live.metrics  # measured against the full-depth run of the same requests
+    # a policy run on its own has no full-depth run beside it: no speedup from a lone wall-clock pair
+    # (Experiment.run_many measures it batch by batch; tests/test_experiment_api.py)
+    assert "speedup" not in live.metrics and live.metrics["layer_savings"] >= 1.0
     assert live.metrics["mean_exit_layer"] < 6  # the policy really exits early, so the comparison means something
 
 

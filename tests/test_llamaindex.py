@@ -197,3 +197,27 @@ def test_adapter_resolves_item_nodes_through_the_log(movielens):
         zip(earlier.item.tolist(), zip(earlier.rating.tolist(), earlier.ts.tolist(), strict=True), strict=True)
     )
     assert found and all(rated[r.item] == (r.rating, r.ts) for r in found)
+
+
+def test_a_run_holding_a_live_llamaindex_retriever_is_stored(movielens, tmp_path):
+    """The adapter's documented form: the user's own retriever object in retriever_params."""
+    from mhee_sdk.config import RunConfig
+    from mhee_sdk.evaluation import Experiment
+    from mhee_sdk.store import Store
+
+    items = movielens.load().items
+    text = item_texts(items)
+    catalogue = [TextNode(text=text(int(i)), id_=f"item-{i}", metadata={"item": int(i)}) for i in items["item"]]
+    live = BM25Retriever(nodes=catalogue, similarity_top_k=50)
+    registry = Registry(load_entry_points=False)
+    registry.add_plugin(llamaindex_plugin, "llamaindex")
+    config = RunConfig(backbone="tiny", retriever="llamaindex-adapter", head="verbalizer", exit_layers=[3, 6],
+                       retriever_params={"retriever": live, "user_key": None, "rating_key": None, "ts_key": None},
+                       k=3, prompt_tokens=400, eval_requests=8, batch_size=4)  # fmt: skip
+    store = Store.open(tmp_path / "runs.duckdb")
+    result = Experiment(config, registry=registry, progress=False, cache_dir=tmp_path).run("never", store=store)
+    record = store.run(result.run_id)
+    assert record["status"] == "finished" and len(store.predictions(result.run_id)) == 8
+    described = record["config"]["retriever_params"]["retriever"]
+    assert described["__object__"].endswith("BM25Retriever") and record["config"]["reproducible"] is False
+    assert record["config"]["retriever_params"]["user_key"] is None  # plain values stay plain

@@ -29,7 +29,7 @@ EXPECTED = {
         r"exit heads after layers \[1, 2, 3, 4, 5, 6\]",
         r"Ratings of the candidate by similar users:\n- ",
         r"valid AUC\s+best epoch",
-        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+speedup",
+        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+savings\s+speedup",
         r"calibrated\(budget=0.005\)\s+\d\.\d{3}",
         r"collab-logistic\s+\d\.\d{3}",
         r"Exits of run max-prob\(threshold=0.75\)",

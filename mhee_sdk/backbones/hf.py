@@ -159,11 +159,13 @@ class HFBackbone:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         adapter: Adapter | None = None,
+        weights_digest: str | None = None,
         **options: object,
     ) -> HFBackbone:
         """Load from a local folder or the local HF cache; never downloads (``local_files_only``).
 
-        options: ``compile``, ``quantize``, ``autocast`` (see the class).
+        weights_digest: the verified hash of the weights (assets), which the fingerprint is made from;
+        without it, from the model config. options: ``compile``, ``quantize``, ``autocast`` (see the class).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,9 +181,7 @@ class HFBackbone:
                 "(`mhee assets install`)."
             ) from err
         label = name or str(path)
-        manifest = Path(path) / ".complete.json"  # written by `mhee assets install`: holds the weights' hash
-        digest = json.loads(manifest.read_text())["model.safetensors"][:16] if manifest.is_file() else None
-        fingerprint = f"{label}:{digest}" if digest else None
+        fingerprint = f"{label}:{weights_digest[:16]}" if weights_digest else None
         backbone = cls(
             model, tokenizer, name=label, device=device, dtype=dtype, fingerprint=fingerprint, adapter=adapter,
             **options,
@@ -317,8 +317,9 @@ def smollm2_135m(
     autocast: bool = False,
 ) -> HFBackbone:
     """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name."""
+    path, digest = assets.verified_model_dir(assets.SMOLLM2)  # changed weights are caught before they are used
     return HFBackbone.from_pretrained(
-        assets.model_dir(assets.SMOLLM2), name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter),
+        path, name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter), weights_digest=digest,
         compile=compile, quantize=quantize, autocast=autocast,
     )  # fmt: skip
 

@@ -9,7 +9,10 @@ P(like) from ``forward(hidden, features)``; heads that do not read features igno
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -242,6 +245,35 @@ def check_head_output(probs: np.ndarray, layer: int, kind: str) -> np.ndarray:
             "rows; a head must return P(like) in [0, 1] (check its inputs for NaN and that forward applies sigmoid)"
         )
     return probs
+
+
+def save_heads(
+    heads: ExitHeads,
+    path: str | os.PathLike,
+    fingerprint: str,
+    head_params: dict[str, Any],
+    valid_auc: dict[int, float] | None = None,
+) -> Path:
+    """Save trained heads with the backbone fingerprint they were trained on, their kind, layers and params."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": {k: v.cpu() for k, v in heads.state_dict().items()}, "kind": heads.kind,
+                "layers": heads.layers, "head_params": dict(head_params), "fingerprint": fingerprint,
+                "valid_auc": valid_auc}, path)  # fmt: skip
+    return path
+
+
+def load_heads(path: str | os.PathLike, backbone: Backbone, registry=None) -> tuple[ExitHeads, dict[str, Any]]:
+    """Heads saved by `save_heads`, rebuilt on `backbone` (which must have the fingerprint they were trained on)."""
+    saved = torch.load(Path(path), weights_only=True)
+    if saved["fingerprint"] != backbone.fingerprint:
+        raise ValueError(
+            f"heads in {path} were trained on backbone {saved['fingerprint']!r}, but this experiment runs "
+            f"{backbone.fingerprint!r}; train them here with fit_heads() or use the backbone they came from"
+        )
+    heads = build_heads(saved["kind"], backbone, saved["layers"], registry, **saved["head_params"])
+    heads.load_state_dict(saved["state"])
+    return heads.eval(), saved["head_params"]
 
 
 def build_heads(
