@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -215,6 +216,31 @@ class Experiment:
             parts.append(self.system)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def check_requests(self, requests: Sequence[Request], labelled: bool) -> list[Request]:
+        """Requests as a list, checked: unique ids, labels 0/1 when `labelled`, users and items the dataset knows.
+
+        Unknown users or items are an error for labelled evaluation (a typo would otherwise run silently
+        with no history); for `predict` they are allowed (new traffic), and reported once.
+        """
+        requests = list(requests)
+        ids = [r.request_id for r in requests]
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise ValueError(f"request ids must be unique; repeated: {repeated[:5]}")
+        if labelled and (bad := [r.request_id for r in requests if r.label not in (0, 1)]):
+            raise ValueError(f"requests {bad[:5]} have labels outside {{0, 1}}; use predict() for unlabeled requests")
+        users, items = set(self.tables.users["user"]), set(self.tables.items["item"])
+        unknown = [r for r in requests if r.user not in users or r.item not in items]
+        if unknown and labelled:
+            raise ValueError(
+                f"{len(unknown)} requests name users or items the dataset {self.config.dataset!r} does not have "
+                f"(first: request {unknown[0].request_id}, user {unknown[0].user}, item {unknown[0].item})"
+            )
+        if unknown:
+            self._say(f"{len(unknown)} of {len(requests)} requests have a user or item the dataset has not seen: "
+                      "they get no history and an unknown profile")  # fmt: skip
+        return requests
+
     # -------------------------------------------------------------- heads
     def features(self, split: str, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Cached pooled hidden states ``[N, L, H]``, labels, and collaborative features of a sample of `split`."""
@@ -339,7 +365,7 @@ class Experiment:
         self._ensure_heads()
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
                                                                      strict=True)]  # fmt: skip
-        requests = list(requests) if requests is not None else self.requests()
+        requests = self.check_requests(requests if requests is not None else self.requests(), labelled=True)
         texts, retrieved = self.prompts(requests)
         key = self.requests_key(requests)
         features, prefix = self.extra_features(requests, retrieved), self.prefix(requests)
@@ -407,6 +433,7 @@ class Experiment:
             ids = requests["request_id"] if "request_id" in requests else range(len(requests))
             requests = [Request(int(i), int(u), int(it), -1, int(t))
                         for i, u, it, t in zip(ids, requests["user"], requests["item"], requests["ts"], strict=True)]
+        requests = self.check_requests(requests, labelled=False)
         self._ensure_heads()
         spec = policy or (self.config.policy, self.config.policy_params)
         _, _, policy_obj = self._prepare(spec, "")
