@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch, numpy and pandas stay unimported until a command nee
 
     from mhee_sdk.adapters import Adapter
     from mhee_sdk.data.log import InteractionLog
+    from mhee_sdk.data.prompt import PromptTemplate
 
 SPLITS = ("train", "valid", "test")
 
@@ -63,6 +64,19 @@ class Dataset(Protocol):
     @property
     def log(self) -> InteractionLog:
         """Every interaction, for "strictly before ts" look-ups by user or item."""
+        ...
+
+
+@runtime_checkable
+class TemplatedDataset(Protocol):
+    """Capability: the dataset's own prompt wording; others get the generic ``PromptTemplate()``.
+
+    A run config's ``prompt`` table overrides single fields of it.
+    """
+
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        """Domain noun, item and user descriptions, system prompt, question, answer words, evidence wording."""
         ...
 
 
