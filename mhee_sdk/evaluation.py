@@ -22,7 +22,8 @@ import torch
 from mhee_sdk.adapters import save_adapter
 from mhee_sdk.baselines import platt
 from mhee_sdk.config import RunConfig
-from mhee_sdk.data.prompt import PromptBuilder
+from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
+from mhee_sdk.data.split import RequestSlices
 from mhee_sdk.engine import BatchResult, EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import build_heads, check_head_output
@@ -43,10 +44,11 @@ from mhee_sdk.interfaces import (
     Dataset,
     ExitPolicy,
     Retriever,
+    TemplatedDataset,
     TrainableBackbone,
     require,
 )
-from mhee_sdk.metrics import quality, summarize
+from mhee_sdk.metrics import quality, sliced_quality, summarize
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
@@ -82,18 +84,26 @@ class Experiment:
         self.dataset: Dataset = create("dataset", config.dataset, **config.dataset_params)
         require(self.dataset, Dataset, f"dataset {config.dataset!r}:")
         self.tables = self.dataset.load()
+        # which requests count as cold / light / heavy: decided by the training split, once
+        self.slices = RequestSlices.from_train(self.tables.split("train"), config.cold_threshold)
         self.retriever: Retriever = create("retriever", config.retriever, **config.retriever_params)
         require(self.retriever, Retriever, f"retriever {config.retriever!r}:")
         self.retriever.fit(self.tables.split("train"), self.dataset.log)
         self.backbone = self._build_backbone(config)
+        self.template = self._template(config)
         self.builder = PromptBuilder(
             self.tables.users,
             self.tables.items,
             max_tokens=config.prompt_tokens,
             count_tokens=self.backbone.count_tokens,
+            template=self.template,
         )
+        head_params = dict(config.head_params)
+        entry, _ = self.registry.get("exit_head", config.head)
+        if "words" in inspect.signature(entry.factory).parameters:  # heads that read the LM's answer words
+            head_params.setdefault("words", (self.template.yes, self.template.no))
         self.heads = build_heads(
-            config.head, self.backbone, config.exit_layers, self.registry, seed=config.seed, **config.head_params
+            config.head, self.backbone, config.exit_layers, self.registry, seed=config.seed, **head_params
         )
         self.collaborative = None
         if self.heads.needs_features or self.soft_tokens is not None:
@@ -103,6 +113,11 @@ class Experiment:
         self.train_report: TrainReport | None = None
         self._valid: tuple[np.ndarray, np.ndarray] | None = None
         self._full_depth_seconds: dict[str, float] = {}
+
+    def _template(self, config: RunConfig) -> PromptTemplate:
+        """The dataset's prompt template (or the generic one) with the config's `prompt` overrides."""
+        base = self.dataset.prompt_template if isinstance(self.dataset, TemplatedDataset) else PromptTemplate()
+        return base.with_overrides(config.prompt)
 
     def _build_backbone(self, config: RunConfig) -> Backbone:
         backbone = self.registry.create("backbone", config.backbone, **config.backbone_params)
@@ -155,6 +170,8 @@ class Experiment:
                  [r.request_id for r in requests]]  # fmt: skip
         if self.system is not None:  # older keys (before the system message left the backbone) stay valid
             parts.append(self.system)
+        if c.prompt:  # likewise keys from before prompt overrides existed
+            parts.append(c.prompt)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------- heads
@@ -331,6 +348,7 @@ class Experiment:
             [r.label for r in requests], [p.prob for p in predictions], [r.user for r in requests],
             [p.exit_layer for p in predictions], self.backbone.num_layers,
         )  # fmt: skip
+        metrics.update(self.slice_metrics(requests, [p.prob for p in predictions]))
         metrics["seconds"] = seconds
         metrics["requests_per_s"] = len(requests) / seconds
         if policy_name == FULL_DEPTH:
@@ -342,6 +360,12 @@ class Experiment:
         if full is not None:
             metrics["speedup"] = full / seconds
         return metrics
+
+    def slice_metrics(self, requests: Sequence[Request], probs: Sequence[float]) -> dict[str, float]:
+        """Quality on the cold-start and activity slices (``auc@cold_items`` ...) plus the slices' cut points."""
+        masks = self.slices.masks(requests)
+        found = sliced_quality([r.label for r in requests], probs, [r.user for r in requests], masks)
+        return {**found, **self.slices.cut_points()}
 
     def run_baseline(
         self,
@@ -369,11 +393,13 @@ class Experiment:
         probs = calibrate(baseline.score(requests))
         seconds = time.perf_counter() - started
         metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
+        metrics.update(self.slice_metrics(requests, probs))
         predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
         run_id = None
         if store is not None:
             config = {"baseline": name, "baseline_params": params, "dataset": self.config.dataset,
-                      "split": self.config.split, "seed": self.config.seed}  # fmt: skip
+                      "dataset_params": self.config.dataset_params, "split": self.config.split,
+                      "seed": self.config.seed, "cold_threshold": self.config.cold_threshold}  # fmt: skip
             with store.recording(config, [], 0, name=name, kind="baseline",
                                  requests_key=self.requests_key(requests)) as run_id:  # fmt: skip
                 store.append(run_id, "predictions", pd.DataFrame({
