@@ -47,15 +47,15 @@ def format_runs(table: pd.DataFrame) -> str:
 
 
 def format_slices(table: pd.DataFrame) -> str:
-    """Per run, AUC and LogLoss on each slice, with the slice's number of requests; then the slice rules."""
+    """Per run, the AUC on each slice with its number of requests, then the slice rules (GAUC, LogLoss: the store)."""
     width = max([len("run"), *(len(str(name)) for name in table["name"])]) + 2
-    head = "".join(f"{name.replace('_', ' '):>21}" for name in SLICES)
-    lines = [f"{'slices':<{width}}{head}", f"{'run':<{width}}" + f"{'AUC':>9}{'LogLoss':>8}{'n':>4}" * len(SLICES)]
+    head = "".join(f"{name.replace('_', ' '):>14}" for name in SLICES)
+    lines = [f"{'AUC (requests)':<{width}}{head}"]
     for row in table.to_dict("records"):
         cells = []
         for name in SLICES:
-            auc, loss, n = (row.get(slice_metric(m, name), np.nan) for m in ("auc", "logloss", "requests"))
-            cells.append(f"{_number(auc, 9)}{_number(loss, 8)}{'-' if pd.isna(n) else f'{n:.0f}':>4}")
+            auc, n = row.get(slice_metric("auc", name), np.nan), row.get(slice_metric("requests", name), np.nan)
+            cells.append(f"{_number(auc, 0).strip()} ({'-' if pd.isna(n) else f'{n:.0f}'})".rjust(14))
         lines.append(f"{row['name']!s:<{width}}{''.join(cells)}")
     recorded = table.dropna(subset=["cold_threshold"])
     lines.append(describe_slices(recorded.iloc[-1].to_dict() if len(recorded) else {}))

@@ -112,7 +112,7 @@ def movielens_digests(movielens):
 
 def test_movielens_gives_exactly_the_requests_histories_and_prompts_of_before(movielens, movielens_digests):
     found, texts = movielens_digests
-    assert texts[300] == FIRST_PROMPT  # the first sampled request with the large budget
+    assert texts[400] == FIRST_PROMPT  # the first sampled request with the large budget
     assert found == BEFORE
     assert isinstance(movielens, InteractionsDataset) and movielens.prompt_template == MOVIE_TEMPLATE
 

@@ -165,7 +165,7 @@ class InteractionsDataset:
         names = list(self.item_columns)
         item = [f"{{{names[0]}}} ({'; '.join(f'{{{n}}}' for n in names[1:])})", f"{{{names[0]}}}"] if names else []
         item = item[1:] if len(names) == 1 else item
-        user = ["; ".join(f"{n} {{{n}}}" for n in self.user_columns)] if self.user_columns else []
+        user = ["a user with " + ", ".join(f"{n} {{{n}}}" for n in self.user_columns)] if self.user_columns else []
         if self.label is None:
             return PromptTemplate(item=tuple(item), user=tuple(user))
         return PromptTemplate(

@@ -22,7 +22,7 @@ _NOUNS = {
 }
 
 
-def synthetic_clicks(users: int = 150, items: int = 120, events: int = 4000, seed: int = 0) -> pd.DataFrame:
+def synthetic_clicks(users: int = 200, items: int = 400, events: int = 4000, seed: int = 0) -> pd.DataFrame:
     """One row per impression: ``visitor, sku, time, clicked, title, category, country``, in random order."""
     rng = np.random.default_rng(seed)
     visitor = np.array([f"v{n:04d}" for n in range(users)], dtype=object)
