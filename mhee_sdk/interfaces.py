@@ -36,6 +36,7 @@ class DatasetTables:
 
     interactions: ``user, item, rating, ts, label, split`` sorted by time; the row number is the
     request id. users: ``user`` plus profile columns. items: ``item`` plus descriptive columns.
+    ``InteractionsDataset`` adds the original ids (``user_id``, ``item_id``) and times (``time``).
     """
 
     interactions: pd.DataFrame

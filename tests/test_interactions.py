@@ -327,6 +327,13 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, case, spec, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_experiment_raises_the_same_message(tmp_path):
+    path = _write(tmp_path, _log(label=[0, 1] * 6 + [2] + [0] * 17))
+    config = RunConfig(**TINY, dataset="interactions", dataset_params={"path": str(path), "label": "label"})
+    with pytest.raises(ValueError, match=r"^log.csv row 13: the label in column 'label' is 2, not 0 or 1; map it"):
+        Experiment(config, registry=Registry(load_entry_points=False), progress=False)
+
+
 def test_mhee_data_check_prints_a_summary_or_one_line(tmp_path):
     frame = pd.concat([_log(), _log().iloc[[3]]], ignore_index=True)
     path = _write(tmp_path, frame)
