@@ -248,6 +248,9 @@ def test_ids_of_any_type_become_codes_and_the_originals_stay(tmp_path):
     assert (first["user"], first["item"]) == (0, 1)  # "007" and 2.5
     text = InteractionsDataset(_write(tmp_path, frame), label="label").load()
     assert text.users["user_id"].tolist() == ["007", "7", "x"] and text.items["item_id"].tolist()[0] == "-1.0"
+    frame.to_json(tmp_path / "log.jsonl", orient="records", lines=True)
+    lines = InteractionsDataset(tmp_path / "log.jsonl", label="label").load()
+    assert lines.users["user_id"].tolist() == ["007", "7", "x"] and len(lines.interactions) == 30
     compact = InteractionsDataset(_write(tmp_path, _log(user=[5, 6, 7] * 10), "ints.csv"), label="label").load()
     assert sorted(compact.interactions["user"].unique()) == [5, 6, 7]  # compact integer ids are kept
 

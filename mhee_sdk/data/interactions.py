@@ -45,7 +45,7 @@ import pandas as pd
 from mhee_sdk.data.log import InteractionLog
 from mhee_sdk.data.prompt import PromptTemplate
 from mhee_sdk.data.source import DataError, DataWarning, read_file, read_query
-from mhee_sdk.data.split import temporal_split
+from mhee_sdk.data.split import check_fractions, temporal_split
 from mhee_sdk.hookspecs import hookimpl
 from mhee_sdk.interfaces import DatasetTables
 from mhee_sdk.types import Request
@@ -130,7 +130,7 @@ class InteractionsDataset:
         unknown = sorted(set(self.list_columns) - set(self.item_columns) - set(self.user_columns))
         if unknown:
             raise ValueError(f"list_columns {unknown} are not among item_columns or user_columns")
-        self.fractions = tuple(float(f) for f in fractions)
+        self.fractions = tuple(float(f) for f in check_fractions(fractions))
         self._template = template
 
     # ------------------------------------------------------------------ the Dataset contract
@@ -179,7 +179,9 @@ class InteractionsDataset:
     def _tables(self) -> DatasetTables:
         log = self._read_log()
         frame = log.frame
-        self._require(log, [self.user, self.item, self.timestamp, self.label or self.rating], "the log")
+        outcome = "label" if self.label is not None else "rating"
+        mapping = {self.user: "user", self.item: "item", self.timestamp: "timestamp", getattr(self, outcome): outcome}
+        self._require(log, mapping, "the log")
         n = len(frame)
         users, user_ids = _encode_ids(frame[self.user], "user", log.where)
         items, item_ids = _encode_ids(frame[self.item], "item", log.where)
@@ -226,18 +228,16 @@ class InteractionsDataset:
             raise DataError(f"{source.where} has no rows; it needs one row per interaction")
         return source
 
-    def _require(self, source: _Source, columns: Sequence[str], what: str) -> None:
-        """Every mapped column exists; else name it, a close match and the columns there are."""
-        names = {self.user: "user", self.item: "item", self.timestamp: "timestamp",
-                 self.label: "label", self.rating: "rating"}  # fmt: skip
+    def _require(self, source: _Source, columns: Mapping[str, str], what: str) -> None:
+        """Every mapped column (``{column: the setting naming it}``) exists; else name it, a close match, the rest."""
         present = [str(c) for c in source.frame.columns]
-        for column in columns:
+        for column, key in columns.items():
             if column in present:
                 continue
-            key = names.get(column, "")
             close = difflib.get_close_matches(column, present, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            setting = f" (dataset_params.{key}; --{key} in mhee data check)" if key else ""
+            flag = key.replace("_", "-")
+            setting = f" (dataset_params.{key}; --{flag} in mhee data check)"
             raise DataError(f"{source.where} has no column {column!r}{setting}; {hint}{what} has: {', '.join(present)}")
 
     def _outcome(self, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -286,13 +286,14 @@ class InteractionsDataset:
             return table
         if path is None:
             source = log
-            self._require(source, list(columns.values()), "the log")
+            self._require(source, dict.fromkeys(columns.values(), f"{what}_columns"), "the log")
             values = source.frame[list(columns.values())].set_axis(list(columns), axis=1)
             values = values.groupby(codes, sort=True).last()  # the last non-empty value in file order
         else:
             frame = read_file(path, self.format, self.sep, text_columns=[key])
             source = self._nonempty(_Source(frame, Path(path).name))
-            self._require(source, [key, *columns.values()], f"{what}s_path")
+            self._require(source, {key: f"{what}_key", **dict.fromkeys(columns.values(), f"{what}_columns")},
+                          f"{what}s_path")  # fmt: skip
             side_codes = _lookup(frame[key], ids)
             repeated = pd.Series(frame[key]).duplicated().to_numpy()
             if repeated.any():

@@ -55,9 +55,14 @@ def read_file(
             return pd.read_csv(path, sep=sep, dtype=dtype, low_memory=False)
         if fmt == "parquet":
             return pd.read_parquet(path)
-        return pd.read_json(path, lines=fmt == "jsonl", orient="records")
+        # values as written: no "007" -> 7 for ids, no guessing which numbers are dates
+        frame = pd.read_json(path, lines=fmt == "jsonl", orient="records", dtype=False)
+        if frame.columns.size == 0 and frame.empty:
+            raise pd.errors.EmptyDataError("no records")
+        return frame
     except pd.errors.EmptyDataError as err:
-        raise DataError(f"{path} is empty; it needs a header row and one row per interaction") from err
+        header = "a header row and " if fmt in ("csv", "tsv") else ""
+        raise DataError(f"{path} is empty; it needs {header}one row per interaction") from err
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path} is not readable as {fmt} ({first}); check format (and sep for CSV)") from err

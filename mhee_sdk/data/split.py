@@ -37,10 +37,17 @@ def describe_slices(metrics: Mapping[str, float]) -> str:
     )
 
 
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Train / valid / test shares as a tuple; raises unless they are three positive numbers summing to 1."""
+    values = tuple(fractions)
+    if len(values) != 3 or any(not isinstance(f, int | float) or f <= 0 for f in values) or abs(sum(values) - 1) > 1e-9:
+        raise ValueError(f"fractions {fractions!r} must be three positive numbers summing to 1")
+    return values
+
+
 def temporal_split(ts: np.ndarray, fractions: tuple[float, float, float]) -> np.ndarray:
     """Split labels for time-sorted timestamps; a boundary never falls between equal timestamps."""
-    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
-        raise ValueError(f"fractions {fractions!r} must be three positive numbers summing to 1")
+    fractions = check_fractions(fractions)
     if np.any(np.diff(ts) < 0):
         raise ValueError("timestamps must be sorted ascending")
     n = len(ts)

@@ -29,9 +29,7 @@ def synthetic_clicks(users: int = 200, items: int = 400, events: int = 4000, see
     favourite = rng.integers(len(CATEGORIES), size=users)
     country = rng.choice(["DE", "FR", "NL", "PL"], size=users)
     category = rng.integers(len(CATEGORIES), size=items)
-    titles = [
-        f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS[CATEGORIES[c]])}".capitalize() for c in category
-    ]
+    titles = [f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS[CATEGORIES[c]])}".capitalize() for c in category]
     start = 1_700_000_000.0
     span = 90 * 86_400.0
     user_arrives = rng.uniform(0, 0.97, size=users) * span  # later users: cold in valid/test
