@@ -19,7 +19,7 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
 
-from mhee_sdk.data.log import InteractionLog
+from mhee_sdk.data.log import InteractionLog, lowest_liked_rating
 from mhee_sdk.hookspecs import hookimpl
 from mhee_sdk.interfaces import Baseline, require
 from mhee_sdk.metrics import quality
@@ -34,18 +34,21 @@ class Popularity:
     """Smoothed like-rate of the item: ``(likes + m * prior) / (ratings + m)``.
 
     With ``streaming=True`` (default) it counts every rating strictly before the request (what a live
-    system knows); with False, only training ratings.
+    system knows); with False, only training ratings. A rating is a like at ``>= like_threshold``;
+    None (default) takes the lowest rating labelled 1 in train (4 on MovieLens, 1 for 0/1 clicks).
     """
 
     name = "popularity"
 
-    def __init__(self, smoothing: float = 10.0, streaming: bool = True, like_threshold: float = 4.0) -> None:
+    def __init__(self, smoothing: float = 10.0, streaming: bool = True, like_threshold: float | None = None) -> None:
         if smoothing < 0:
             raise ValueError(f"smoothing={smoothing!r} must be >= 0")
         self.smoothing, self.streaming, self.like_threshold = smoothing, streaming, like_threshold
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> Popularity:
         self.log = log
+        if self.like_threshold is None:
+            self.like_threshold = lowest_liked_rating(train)
         self.prior = float(train["label"].mean())
         grouped = train.groupby("item")["label"].agg(["sum", "count"])
         self.likes, self.counts = grouped["sum"].to_dict(), grouped["count"].to_dict()
@@ -82,7 +85,11 @@ class GCNScore:
 
 
 class Logistic:
-    """Logistic regression on user and item one-hot biases, user age/gender/occupation and item genres."""
+    """Logistic regression on user and item one-hot biases, plus user age/gender/occupation and item genres.
+
+    The profile features are MovieLens' columns, used when the tables have them; on other data the model
+    keeps the user and item biases (add your own baseline through ``register_baselines`` for more).
+    """
 
     name = "logistic"
 
@@ -101,11 +108,15 @@ class Logistic:
 
     def _features(self, users: np.ndarray, items: np.ndarray) -> tuple[pd.DataFrame, list[list[str]]]:
         profile = self.users.set_index("user").reindex(users)
+        categorical = pd.DataFrame({"user": users.astype(str), "item": items.astype(str)})
+        if "age" in profile and pd.api.types.is_numeric_dtype(profile["age"]):
+            categorical["age"] = (profile["age"] // 10).astype(str).to_numpy()
+        for column in ("gender", "occupation"):
+            if column in profile:
+                categorical[column] = profile[column].astype(str).to_numpy()
+        if "genres" not in self.items:
+            return categorical, [[] for _ in items]
         genres = self.items.set_index("item")["genres"].reindex(items).fillna("")
-        categorical = pd.DataFrame({
-            "user": users.astype(str), "item": items.astype(str), "age": (profile["age"] // 10).astype(str),
-            "gender": profile["gender"].astype(str), "occupation": profile["occupation"].astype(str),
-        })  # fmt: skip
         return categorical, [g.split(", ") if g else [] for g in genres]
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:
@@ -182,10 +193,13 @@ def score_baseline(
     probs = calibrate(baseline.score(requests))
     seconds = time.perf_counter() - started
     metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
+    metrics.update(experiment.slice_metrics(requests, probs))
     predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
     run_id = None
     if store is not None:
-        config = {"baseline": name, "baseline_params": params, "dataset": c.dataset, "split": c.split, "seed": c.seed}
+        config = {"baseline": name, "baseline_params": params, "dataset": c.dataset,
+                  "dataset_params": c.describe("dataset_params"), "split": c.split, "seed": c.seed,
+                  "cold_threshold": c.cold_threshold}  # fmt: skip
         with store.recording(config, [], 0, name=name, kind="baseline",
                              requests_key=experiment.requests_key(requests)) as run_id:  # fmt: skip
             store.append_batch(run_id, {"predictions": pd.DataFrame({

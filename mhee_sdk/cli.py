@@ -1,4 +1,4 @@
-"""The `mhee` command: plugins, assets, demo, eval, report, finetune."""
+"""The `mhee` command: plugins, assets, data check, demo, eval, report, finetune."""
 
 from __future__ import annotations
 
@@ -54,6 +54,61 @@ def cmd_assets(args: argparse.Namespace) -> int:
     return 0 if all(row["state"] == "installed" for row in rows) else 1
 
 
+def _dataset_params(args: argparse.Namespace) -> dict[str, object]:
+    """``dataset_params`` from `mhee data check` flags (only those given)."""
+    params: dict[str, object] = {}
+    for flag in ("query", "format", "sep", "user", "item", "timestamp", "label", "rating", "like_threshold",
+                 "item_key", "user_key"):  # fmt: skip
+        if getattr(args, flag) is not None:
+            params[flag] = getattr(args, flag)
+    for flag in ("item_columns", "user_columns"):
+        if getattr(args, flag) is not None:
+            params[flag] = [name.strip() for name in getattr(args, flag).split(",") if name.strip()]
+    if args.items is not None:
+        params["items_path"] = args.items
+    if args.users is not None:
+        params["users_path"] = args.users
+    if args.fractions is not None:
+        params["fractions"] = [float(x) for x in args.fractions.split(",")]
+    return params
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    import warnings
+
+    from mhee_sdk.data.check import format_summary, summarize_dataset
+    from mhee_sdk.data.interactions import InteractionsDataset
+
+    try:
+        cold = args.cold
+        if args.config is not None:
+            from mhee_sdk.config import RunConfig
+            from mhee_sdk.registry import get_registry
+
+            config = RunConfig.from_toml(args.config)
+            cold = cold if cold is not None else config.cold_threshold
+            params = {**config.dataset_params, **_dataset_params(args)}
+            if args.path is not None:
+                params["path"] = args.path
+            dataset = get_registry().create("dataset", config.dataset, **params)
+            source = str(params.get("path") or config.dataset)
+        else:
+            if args.path is None and args.query is None:
+                raise ValueError("give the log's PATH, --query SQL, or --config run.toml")
+            dataset = InteractionsDataset(args.path, **_dataset_params(args))
+            source = str(args.path or "the query")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # summarize_dataset collects the data warnings itself
+            summary = summarize_dataset(dataset, cold if cold is not None else 5, source=source)
+    except (ValueError, TypeError, OSError) as err:  # the loader's messages are one line and name the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mhee_sdk.demo import run_demo
 
@@ -64,14 +119,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mhee_sdk.config import RunConfig
     from mhee_sdk.evaluation import evaluate
-    from mhee_sdk.report import format_runs, runs_table
+    from mhee_sdk.report import format_runs, format_slices, runs_table
     from mhee_sdk.store import Store
 
     config = RunConfig.from_toml(args.config)
     config = config.replace(**{name: getattr(args, name) for name in ("dtype", "device") if getattr(args, name)})
     store = Store.open(args.store)
     result = evaluate(config, store=store)
-    print(format_runs(runs_table(store, [result.run_id])))
+    table = runs_table(store, [result.run_id])
+    print(format_runs(table))
+    print()
+    print(format_slices(table))
     return 0
 
 
@@ -96,7 +154,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mhee_sdk.report import format_runs, runs_table, write_plots
+    from mhee_sdk.report import format_runs, format_slices, runs_table, write_plots
     from mhee_sdk.store import Store
 
     store = Store.open(args.store, read_only=True)
@@ -105,6 +163,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"no finished runs in {store.path}")
         return 1
     print(format_runs(table))
+    print()
+    print(format_slices(table))
     paths = write_plots(store, table, args.out)
     print(f"\nwrote {len(paths)} plots to {args.out}/")
     return 0
@@ -133,6 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     asset_cmd.add_argument("names", nargs="*", help="assets to install (default: all)")
     asset_cmd.add_argument("--json", action="store_true", help="machine-readable status")
     asset_cmd.set_defaults(func=cmd_assets)
+
+    data = sub.add_parser("data", help="check your own interaction log before a run")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    check = data_sub.add_parser(
+        "check", help="load a log as a run would and summarize it (users, items, time, splits, cold start)",
+        description="Load a log exactly as dataset 'interactions' would and print a summary; a problem is one "
+        "line naming the row or column and the fix (exit status 1).",
+    )  # fmt: skip
+    check.add_argument("path", nargs="?", help="CSV, TSV, Parquet or JSON-lines file (format from the extension)")
+    check.add_argument("--query", help="instead of PATH: one DuckDB SELECT over files")
+    check.add_argument("--config", help="a run config (TOML): check its dataset and dataset_params; flags override")
+    check.add_argument("--format", choices=["csv", "tsv", "parquet", "jsonl", "json"], help="override the extension")
+    check.add_argument("--sep", help="CSV column separator (default ',')")
+    check.add_argument("--user", help="column of the user id (default 'user')")
+    check.add_argument("--item", help="column of the item id (default 'item')")
+    check.add_argument("--timestamp", help="column of the time: numbers or dates (default 'timestamp')")
+    outcome = check.add_mutually_exclusive_group()
+    outcome.add_argument("--label", help="column of a 0/1 outcome (click, purchase, like)")
+    outcome.add_argument("--rating", help="column of a graded outcome; needs --like-threshold")
+    check.add_argument("--like-threshold", type=float, help="ratings at or above it are liked")
+    check.add_argument("--item-columns", help="comma-separated columns describing items (title,category,...)")
+    check.add_argument("--user-columns", help="comma-separated columns describing users")
+    check.add_argument("--items", help="side table of items (its id column: --item-key, default the --item name)")
+    check.add_argument("--item-key", help="id column of --items")
+    check.add_argument("--users", help="side table of users")
+    check.add_argument("--user-key", help="id column of --users")
+    check.add_argument("--fractions", help="train,valid,test shares of the time-ordered log (default 0.8,0.1,0.1)")
+    check.add_argument("--cold", type=int, help="cold = fewer than this many training interactions (default 5)")
+    check.set_defaults(func=cmd_data)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on MovieLens-100K with SmolLM2-135M")
     demo.add_argument("--samples", type=int, default=None, help="test requests to score (default: see output)")

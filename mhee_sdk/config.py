@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mhee_sdk.data.prompt import PromptTemplate
 from mhee_sdk.interfaces import SPLITS
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def plain(value: Any) -> Any:
@@ -26,7 +28,6 @@ def plain(value: Any) -> Any:
         return [plain(item) for item in value]
     kind = type(value)
     return {"__object__": f"{kind.__module__}.{kind.__qualname__}", "repr": repr(value)[:120]}
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class RunConfig:
         retriever_params = { mode = "users" }
         policy = "max-prob"
         policy_params = { threshold = 0.8 }
+        prompt = { noun = "book" }     # fields of the dataset's PromptTemplate to override
+
+    `cold_threshold`: a user or item with fewer training interactions than this is cold (the report's slices).
     """
 
     name: str = ""
@@ -50,6 +54,7 @@ class RunConfig:
     retriever_params: dict[str, Any] = field(default_factory=dict)
     k: int = 10
     prompt_tokens: int = 160
+    prompt: dict[str, Any] = field(default_factory=dict)
     backbone: str = "smollm2-135m"
     backbone_params: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # float32, bfloat16, float16; auto: what the hardware runs natively (see docs/concepts.md)
@@ -64,11 +69,13 @@ class RunConfig:
     valid_requests: int = 300
     eval_requests: int = 200
     seed: int = 0
+    cold_threshold: int = 5
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split {self.split!r} is unknown; choose from: {', '.join(SPLITS)}")
-        for name in ("k", "prompt_tokens", "batch_size", "train_requests", "valid_requests", "eval_requests"):
+        for name in ("k", "prompt_tokens", "batch_size", "train_requests", "valid_requests", "eval_requests",
+                     "cold_threshold"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "k" else 1):
                 raise ValueError(f"{name}={value!r} must be a {'non-negative' if name == 'k' else 'positive'} integer")
@@ -76,9 +83,10 @@ class RunConfig:
             raise ValueError(f"dtype={self.dtype!r} is unknown; choose from: {', '.join(DTYPE_NAMES)}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
-        for name in ("dataset_params", "retriever_params", "backbone_params", "head_params", "policy_params"):
+        for name in ("dataset_params", "retriever_params", "backbone_params", "head_params", "policy_params", "prompt"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table/dict, got {getattr(self, name)!r}")
+        PromptTemplate().with_overrides(self.prompt)  # unknown keys and bad values fail here, not mid-run
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

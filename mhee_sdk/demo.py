@@ -17,7 +17,7 @@ from mhee_sdk.adapters import adapter_dir
 from mhee_sdk.backbones.hf import HFBackbone, auto_dtype
 from mhee_sdk.config import RunConfig
 from mhee_sdk.evaluation import Experiment, describe
-from mhee_sdk.report import format_runs, runs_table, write_plots
+from mhee_sdk.report import format_runs, format_slice_line, runs_table, write_plots
 from mhee_sdk.store import Store
 
 DEMO_CONFIG = RunConfig(
@@ -43,6 +43,7 @@ DEMO_POLICIES = [
 ]
 DEMO_BASELINES = ["popularity", "gcn-score", "logistic", "collab-logistic"]
 DEMO_ADAPTER = "demo"
+DATASET_NAMES = {"movielens-100k": "MovieLens-100K"}
 
 
 def demo_backbone(requested: str | None = None) -> tuple[str, str]:
@@ -64,18 +65,23 @@ def run_demo(
     backbone: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    config: RunConfig = DEMO_CONFIG,
+    baseline_params: dict[str, dict] | None = None,
 ) -> Path:
-    """Run the demo; returns the store path. `samples` overrides the number of test requests."""
+    """Run the demo; returns the store path. `samples` overrides the number of test requests.
+
+    `config` replaces the demo's (e.g. your own dataset, smaller sizes); `baseline_params` go to the baselines
+    by name (``{"gcn-score": {"epochs": 5}}``).
+    """
     name, why = demo_backbone(backbone)
     print(why)
-    config = DEMO_CONFIG.replace(
-        eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name, dtype=dtype, device=device
-    )
+    config = config.replace(eval_requests=samples or config.eval_requests, backbone=name, dtype=dtype, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(
-        f"mhee demo: MovieLens-100K, retriever={config.retriever}{config.retriever_params}, "
+        f"mhee demo: {DATASET_NAMES.get(config.dataset, config.dataset)}, "
+        f"retriever={config.retriever}{config.retriever_params}, "
         f"backbone={config.backbone}, "
         f"{config.head} heads; {config.train_requests} train / {config.valid_requests} valid requests for the heads, "
         f"{config.eval_requests} test requests scored (batch {config.batch_size})",
@@ -98,10 +104,11 @@ def run_demo(
     runs = experiment.run_many([("never", {}), *DEMO_POLICIES], store=store, names=names)
     run_ids = [run.run_id for run in runs]
     for baseline in DEMO_BASELINES:
-        run_ids.append(experiment.run_baseline(baseline, store=store).run_id)
+        run_ids.append(experiment.run_baseline(baseline, (baseline_params or {}).get(baseline), store=store).run_id)
     table = runs_table(store, run_ids)
     print()
     print(format_runs(table))
+    print(format_slice_line(table, run_ids[0], "cold_items"))  # where text knowledge should beat collaboration
     paths = write_plots(store, table, out)
     print(f"\nwrote {paths[0]} and {store.path} in {time.perf_counter() - started:.0f} s")
     return store.path

@@ -10,6 +10,7 @@ machine; :func:`evaluate` is the one-call form.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -28,13 +29,23 @@ import torch
 from tqdm.auto import tqdm
 
 from mhee_sdk.config import RunConfig
-from mhee_sdk.data.prompt import PromptBuilder
+from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
+from mhee_sdk.data.split import RequestSlices
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output, load_heads, save_heads
 from mhee_sdk.exits.policies import FULL_DEPTH
-from mhee_sdk.interfaces import AdaptedBackbone, Backbone, CalibratedPolicy, Dataset, ExitPolicy, Retriever, require
-from mhee_sdk.metrics import run_metrics
+from mhee_sdk.interfaces import (
+    AdaptedBackbone,
+    Backbone,
+    CalibratedPolicy,
+    Dataset,
+    ExitPolicy,
+    Retriever,
+    TemplatedDataset,
+    require,
+)
+from mhee_sdk.metrics import run_metrics, sliced_quality
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
@@ -127,6 +138,17 @@ class Experiment:
         return self.dataset.load()
 
     @cached_property
+    def slices(self) -> RequestSlices:
+        """Which requests count as cold / light / heavy: decided by the training split, once."""
+        return RequestSlices.from_train(self.tables.split("train"), self.config.cold_threshold)
+
+    @cached_property
+    def template(self) -> PromptTemplate:
+        """The dataset's prompt template (or the generic one) with the config's `prompt` overrides."""
+        base = self.dataset.prompt_template if isinstance(self.dataset, TemplatedDataset) else PromptTemplate()
+        return base.with_overrides(self.config.prompt)
+
+    @cached_property
     def retriever(self) -> Retriever:
         """The retriever, fitted on the train split."""
         retriever = self.registry.create("retriever", self.config.retriever, **self.config.retriever_params)
@@ -151,13 +173,17 @@ class Experiment:
     def builder(self) -> PromptBuilder:
         """Writes each request's prompt within the token budget."""
         return PromptBuilder(self.tables.users, self.tables.items, max_tokens=self.config.prompt_tokens,
-                             count_tokens=self.backbone.count_tokens)  # fmt: skip
+                             count_tokens=self.backbone.count_tokens, template=self.template)  # fmt: skip
 
     @cached_property
     def heads(self) -> ExitHeads:
         """The exit heads (untrained until :meth:`fit_heads` or :meth:`load_heads`)."""
         c = self.config
-        heads = build_heads(c.head, self.backbone, c.exit_layers, self.registry, seed=c.seed, **c.head_params)
+        params = dict(c.head_params)
+        entry, _ = self.registry.get("exit_head", c.head)
+        if "words" in inspect.signature(entry.factory).parameters:  # heads that read the LM's answer words
+            params.setdefault("words", (self.template.yes, self.template.no))
+        heads = build_heads(c.head, self.backbone, c.exit_layers, self.registry, seed=c.seed, **params)
         self._heads_ready = not heads.trainable
         return heads
 
@@ -214,6 +240,8 @@ class Experiment:
                  [r.request_id for r in requests]]  # fmt: skip
         if self.system is not None:  # older keys (before the system message left the backbone) stay valid
             parts.append(self.system)
+        if c.prompt:  # likewise keys from before prompt overrides existed
+            parts.append(c.prompt)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def check_requests(self, requests: Sequence[Request], labelled: bool) -> list[Request]:
@@ -400,6 +428,7 @@ class Experiment:
                 ordered = [predictions[j][i] for i in range(len(requests))]
                 metrics = run_metrics(requests, ordered, self.backbone.num_layers, times[:, j],
                                       None if full is None else times[:, full])  # fmt: skip
+                metrics.update(self.slice_metrics(requests, [p.prob for p in ordered]))
                 if store is not None:
                     store.add_metrics(run_ids[j], metrics)
                     store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
@@ -469,6 +498,12 @@ class Experiment:
                 "request_id": [r.request_id for r in batch], "prompt": [texts[i] for i in chunk],
                 "retrieved": [json.dumps([asdict(x) for x in retrieved[i]]) for i in chunk]}),
         })  # fmt: skip
+
+    def slice_metrics(self, requests: Sequence[Request], probs: Sequence[float]) -> dict[str, float]:
+        """Quality on the cold-start and activity slices (``auc@cold_items`` ...) plus the slices' cut points."""
+        masks = self.slices.masks(requests)
+        found = sliced_quality([r.label for r in requests], probs, [r.user for r in requests], masks)
+        return {**found, **self.slices.cut_points()}
 
     def run_baseline(
         self,

@@ -33,8 +33,10 @@ Register = Callable[..., None]
 def register_datasets(register: Register) -> None:
     """Register datasets: ``register("movielens-100k", MovieLens100K)``.
 
-    The factory builds a [`Dataset`][mhee_sdk.interfaces.Dataset]. Valid and test requests must be later
-    in time than every train interaction.
+    The factory builds a [`Dataset`][mhee_sdk.interfaces.Dataset] (optionally a
+    [`TemplatedDataset`][mhee_sdk.interfaces.TemplatedDataset] with its prompt wording). Valid and test
+    requests must be later in time than every train interaction. Most logs need no plugin: the built-in
+    ``interactions`` dataset reads a file or query through a column mapping.
     """
 
 

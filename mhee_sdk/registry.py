@@ -37,6 +37,7 @@ HOOKS: dict[str, str] = {
 }
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mhee_sdk.data.interactions",
     "mhee_sdk.data.movielens",
     "mhee_sdk.retrievers.simple",
     "mhee_sdk.retrievers.gcn",

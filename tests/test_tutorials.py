@@ -62,9 +62,20 @@ EXPECTED = {
         r"my-consecutive\(count=2,thresh\S*\s+\d\.\d{3}",  # and a run used it
         r"still listed after uninstalling: False",
     ],
+    "05_bring_your_own_data.ipynb": [
+        r"clicks.csv: 4,000 interactions, \d+ users, \d+ items",
+        r"cold \(fewer than 5 training interactions\), share of requests: valid: users \d",
+        r"error: clicks.csv has no column 'user' \(dataset_params.user",  # the one-line error, no traceback
+        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+speedup",
+        r"cold items \(fewer than 5 training interactions, [1-9]\d* of 60 requests\): AUC full depth",
+        r"User: a shopper from [A-Z]{2}\.\n(.+\n)*Candidate: .+\nWill the user like the candidate product\? Answer Yes",
+        r"AUC \(requests\)\s+cold items\s+cold users\s+light users",
+        r"light \d+-\d+, medium \d+-\d+, heavy \d+\+",
+    ],
 }
 # Plots each notebook shows (PNG outputs, widget snapshots included).
-MIN_PNGS = {"01_quickstart.ipynb": 2, "02_retrievers.ipynb": 1, "03_exit_policies.ipynb": 2}
+MIN_PNGS = {"01_quickstart.ipynb": 2, "02_retrievers.ipynb": 1, "03_exit_policies.ipynb": 2,
+            "05_bring_your_own_data.ipynb": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
