@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
@@ -22,16 +22,24 @@ from mhee_sdk.interfaces import ExitPolicy
 from mhee_sdk.store import schema
 from mhee_sdk.store.connection import LOCK_TIMEOUT_S, LockWaits, StoreError, connection
 from mhee_sdk.store.liveness import _Interrupts, abandoned_reason, effective_status, repair_abandoned
-from mhee_sdk.store.replay import ReplayResult, dense_ranks, replay_matrix, sweep_matrix
+from mhee_sdk.store.replay import ReplayResult, dense_ranks, grid, replay_matrix, replayable, sweep_matrix
 from mhee_sdk.store.schema import DEFAULT_PATH, SCHEMA_VERSION
 from mhee_sdk.store.writing import FLUSH_SECONDS, _Queued, _Writing
+
+if TYPE_CHECKING:
+    from mhee_sdk.registry import Registry
 
 
 class Store(_Writing):
     """A DuckDB evaluation store at `path`. Use :meth:`open`."""
 
     def __init__(
-        self, path: str | Path, read_only: bool, timeout: float = LOCK_TIMEOUT_S, flush_seconds: float = FLUSH_SECONDS
+        self,
+        path: str | Path,
+        read_only: bool,
+        timeout: float = LOCK_TIMEOUT_S,
+        flush_seconds: float = FLUSH_SECONDS,
+        registry: Registry | None = None,
     ) -> None:
         self.path = Path(path)
         self.read_only = read_only
@@ -39,6 +47,7 @@ class Store(_Writing):
         self.flush_seconds = flush_seconds
         self.lock_waits = LockWaits()
         self.schema_version = SCHEMA_VERSION
+        self.registry = registry  # where replay and sweep look policy names up; None: the process-wide one
         self._queued: dict[str, _Queued] = {}
         self._last_flush: dict[str, float] = {}
         self._interrupts: _Interrupts | None = None
@@ -54,13 +63,15 @@ class Store(_Writing):
         read_only: bool = False,
         timeout: float = LOCK_TIMEOUT_S,
         flush_seconds: float = FLUSH_SECONDS,
+        registry: Registry | None = None,
     ) -> Store:
         """Open (creating a new file when writable), check it is an mhee store, migrate it, repair dead runs.
 
         timeout: seconds to wait for another process to release the file; flush_seconds: how often a
-        writer commits queued batches (0: every batch).
+        writer commits queued batches (0: every batch); registry: where :meth:`replay` and :meth:`sweep` look
+        policy names up (default: ``mhee_sdk.registry.get_registry()``, loaded when a name is first used).
         """
-        store = cls(path, read_only, timeout, flush_seconds)
+        store = cls(path, read_only, timeout, flush_seconds, registry)
         schema.check_location(store.path, read_only)
         if not read_only and store.path.is_file() and store.path.stat().st_size == 0:
             store.path.unlink()  # an empty file (e.g. from mktemp) is a new store; DuckDB refuses to open it
@@ -216,21 +227,54 @@ class Store(_Writing):
         return result
 
     # ------------------------------------------------------------------ replaying policies
-    def replay(self, run_id: str, policy: ExitPolicy) -> ReplayResult:
-        """Score `policy` on a logged full-depth run without the model; equals a live run of it."""
+    def replay(self, run_id: str, policy: str | ExitPolicy, **params: Any) -> ReplayResult:
+        """Score `policy` on a logged full-depth run without the model; equals a live run of it.
+
+        policy: a registered name with its parameters, ``replay(run_id, "max-prob", threshold=0.7)``, or an
+        object, ``replay(run_id, MaxProb(0.7))``. A policy that calibrates must come calibrated (an object, or
+        its calibrated parameters such as ``thresholds=``): the store holds no validation outputs.
+        """
+        policy = self._policy(policy, params)
         preds, layers, probs = self.layer_matrix(run_id)
         num_layers = self._num_layers.setdefault(run_id, int(self.run(run_id)["num_layers"]))
         return replay_matrix(policy, preds, layers, probs, num_layers)
 
-    def sweep(self, run_id: str, policies: Sequence[ExitPolicy]) -> pd.DataFrame:
+    def sweep(self, run_id: str, policies: str | Sequence[ExitPolicy | str], **params: Any) -> pd.DataFrame:
         """Replay many policies (e.g. a threshold grid) on one logged run: AUC, mean exit layer, savings.
+
+        policies: a registered name whose parameter given as a list is the grid, the others fixed, e.g.
+        ``sweep(run_id, "max-prob", threshold=[0.6, 0.7, 0.8])`` (the table gets a column for it), or a list
+        of policies, e.g. ``[MaxProb(0.6), MultiHead(ratio=2.0)]``.
 
         Cheap metrics only (AUC, no GAUC). Every exit prob is one of the run's logged outputs, so their
         order is ranked once per run and each setting's AUC is a counting pass over those ranks, no sort.
         """
+        varying, settings = None, []
+        if isinstance(policies, str):
+            varying, settings = grid(params)
+            policies = [self._policy(policies, setting) for setting in settings]
+        elif params:
+            raise ValueError(f"parameters {sorted(params)} go with a policy name, not a list of policies")
+        else:
+            policies = [self._policy(policy, {}) for policy in policies]  # all checked before any is replayed
         preds, layers, probs = self.layer_matrix(run_id)
         labels = preds["label"].to_numpy().astype(bool)
         num_layers = self._num_layers.setdefault(run_id, int(self.run(run_id)["num_layers"]))
         if run_id not in self._ranks:  # once per run, like the matrix: equal probs share a rank
             self._ranks[run_id] = dense_ranks(probs)
-        return sweep_matrix(policies, labels, layers, probs, self._ranks[run_id], num_layers)
+        table = sweep_matrix(policies, labels, layers, probs, self._ranks[run_id], num_layers)
+        if varying is not None:
+            table.insert(1, varying, [setting[varying] for setting in settings])
+        return table
+
+    def _policy(self, policy: str | ExitPolicy, params: Mapping[str, Any]) -> ExitPolicy:
+        """A policy to replay: built by registered name from `params`, or an object used as is."""
+        if isinstance(policy, str):
+            if self.registry is None:
+                from mhee_sdk.registry import get_registry  # here, so importing the store loads no plugins
+
+                self.registry = get_registry()
+            policy = self.registry.create("exit_policy", policy, **params)  # an unknown name says "did you mean"
+        elif params:
+            raise ValueError(f"parameters {sorted(params)} go with a policy name, not an object ({policy!r})")
+        return replayable(policy)

@@ -3,18 +3,23 @@
 A full-depth run logged every exit head's output for every request, and a policy decides from those
 outputs alone, so replaying it over the run's matrix ``probs [N, L]`` gives exactly the exits and
 predictions a live run of it gives (see docs/concepts.md, "Offline replay equals live").
+
+A policy comes as an object or as a registered name with parameters; a sweep by name varies the one
+parameter given as a list. A policy that must calibrate first cannot be replayed from the store alone:
+calibration needs validation outputs, which a store does not hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mhee_sdk.exits.policies import replay as replay_policy
-from mhee_sdk.interfaces import ExitPolicy
+from mhee_sdk.interfaces import CalibratedPolicy, ExitPolicy, require
 from mhee_sdk.metrics import auc_of_ranks, summarize
 
 
@@ -24,6 +29,39 @@ class ReplayResult:
 
     predictions: pd.DataFrame  # request_id, user, label, prob, exit_layer
     metrics: dict[str, float]
+
+
+_GRID = (list, tuple, range, np.ndarray)  # a parameter given as one of these is the grid of a sweep
+
+
+def grid(params: Mapping[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The parameter a sweep varies (the one given as a list; None if none is) and one parameter dict per setting."""
+    varying = [name for name, value in params.items() if isinstance(value, _GRID)]
+    if len(varying) > 1:
+        raise ValueError(
+            f"a sweep varies one parameter, but {', '.join(varying)} are all lists; give all but one a single "
+            "value, or pass a list of policy objects"
+        )
+    if not varying:
+        return None, [dict(params)]
+    name = varying[0]
+    values = params[name].tolist() if isinstance(params[name], np.ndarray) else list(params[name])
+    if not values:
+        raise ValueError(f"{name}=[] gives a sweep nothing to replay; list the values to try")
+    return name, [{**params, name: value} for value in values]
+
+
+def replayable(policy: ExitPolicy) -> ExitPolicy:
+    """`policy`, checked: an exit policy that can decide from a logged run alone."""
+    require(policy, ExitPolicy, "exit policy")
+    if isinstance(policy, CalibratedPolicy) and not policy.is_calibrated:
+        fitted = ", ".join(f"{param}=..." for param in policy.calibrated_params())
+        raise ValueError(
+            f"policy {policy.name!r} is not calibrated, and calibrating needs validation outputs, which the store "
+            f"does not hold; pass a calibrated object (Experiment.make_policy({policy.name!r}) calibrates one) or "
+            f"its calibrated parameters ({fitted}, as a run of it stores them in its config's policy_params)"
+        )
+    return policy
 
 
 def replay_matrix(
