@@ -330,16 +330,21 @@ class Experiment:
 
     def make_policy(self, name: str | ExitPolicy, params: dict[str, Any] | None = None, **kwargs: Any) -> ExitPolicy:
         """A policy by name and parameters (or an object, used as is); one that calibrates is calibrated on valid."""
-        if isinstance(name, str):
-            policy = self.registry.create("exit_policy", name, **{**(params or {}), **kwargs})
-        elif params or kwargs:
-            raise ValueError(f"parameters {sorted({**(params or {}), **kwargs})} go with a policy name, not an object")
-        else:
-            policy = name
-        require(policy, ExitPolicy, f"exit policy {name!r}:")
+        policy = self._build_policy(name, {**(params or {}), **kwargs})
         if isinstance(policy, CalibratedPolicy) and not policy.is_calibrated:
             probs, labels = self.valid_outputs()
             policy.calibrate(probs, labels, self.heads.layers)
+        return policy
+
+    def _build_policy(self, name: str | ExitPolicy, params: dict[str, Any]) -> ExitPolicy:
+        """The policy object, not calibrated yet: cheap, so bad names and parameters fail before any work."""
+        if isinstance(name, str):
+            policy = self.registry.create("exit_policy", name, **params)
+        elif params:
+            raise ValueError(f"parameters {sorted(params)} go with a policy name, not an object")
+        else:
+            policy = name
+        require(policy, ExitPolicy, f"exit policy {name!r}:")
         return policy
 
     def use_adapter(self, name: str) -> None:
@@ -390,6 +395,8 @@ class Experiment:
         policies, each gets ``speedup`` = full-depth time / its time, and the spread of the per-batch
         ratios (``speedup_p25``, ``speedup_p75``): measured side by side, not a lone wall-clock pair.
         """
+        for spec in policies:  # names and parameters checked before the heads are trained (minutes on a real model)
+            self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))
         self._ensure_heads()
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
                                                                      strict=True)]  # fmt: skip
