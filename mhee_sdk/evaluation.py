@@ -51,6 +51,7 @@ from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
 from mhee_sdk.types import Prediction, Request, Retrieved
+from mhee_sdk.validation import check_config
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Experiment:
         self.config = config
         self.cache_dir = cache_dir  # hidden-state cache; default $MHEE_HOME/hidden
         self.registry = registry or get_registry()
+        check_config(config, self.registry)  # every problem at once, before any data or model loads
         self.progress = progress
         create = self.registry.create
         self.dataset: Dataset = create("dataset", config.dataset, **config.dataset_params)
@@ -390,4 +392,4 @@ def evaluate(config: RunConfig | dict[str, Any], store: Store | None = None, pro
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     experiment = Experiment(config, progress=progress)
     experiment.fit_heads()
-    return experiment.run(store=store)
+    return experiment.run(store=store, name=config.name)
