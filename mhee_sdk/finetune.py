@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mhee_sdk.adapters import SoftTokens
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import Backbone, TrainableBackbone
 from mhee_sdk.loop import LayerLoop
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.train import depth_lr
 
 
@@ -152,7 +152,7 @@ def finetune(
     total = config.epochs * ((len(texts) + config.batch_size - 1) // config.batch_size)
     backbone.model.train()
     heads.train()
-    with tqdm(total=total, desc="fine-tuning", disable=not config.progress, leave=False) as bar:
+    with progress_bar(total=total, desc="fine-tuning", enabled=config.progress) as bar:
         for _ in range(config.epochs):
             order = rng.permutation(len(texts))
             for start in range(0, len(order), config.batch_size):
