@@ -10,11 +10,15 @@ second run skips that step.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mhee_sdk.adapters import adapter_dir
 from mhee_sdk.config import RunConfig
+from mhee_sdk.data.prompt import approx_tokens
 from mhee_sdk.evaluation import Experiment
 from mhee_sdk.report import format_runs, runs_table, write_plots
 from mhee_sdk.store import Store
@@ -57,36 +61,101 @@ def demo_backbone(requested: str | None = None) -> tuple[str, str]:
     )
 
 
-def run_demo(samples: int | None = None, out_dir: str | Path = "demo_out", backbone: str | None = None) -> Path:
-    """Run the demo; returns the store path. `samples` overrides the number of test requests."""
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo recorded: the store, its runs in table order, the plot files, and notes on the settings."""
+
+    store: Path
+    run_ids: list[str]
+    plots: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+PROMPT_SAMPLE = (
+    "User: 24-year-old male technician.\nThe user's earlier ratings (1-5):\n"
+    "- Toy Story (1995; Animation, Children's, Comedy): 5\nRatings of the candidate by similar users:\n"
+    "- 31-year-old female writer: 4\nCandidate: GoldenEye (1995; Action, Adventure, Thriller)\n"
+    "Will the user like the candidate movie (rate it 4 or 5)? Answer Yes or No."
+)
+
+
+def demo_prompt_tokens(backbone: str) -> tuple[int, str]:
+    """The demo's prompt budget for `backbone` and a line saying how it was chosen.
+
+    ``DEMO_CONFIG.prompt_tokens`` is a budget in SmolLM2's tokens. Other tokenizers split the same text
+    into more or fewer tokens (the tiny test backbone counts bytes), so the budget is scaled to hold the
+    same text, measured on a sample prompt with the backbone's own counter. That builds the backbone once
+    more; pass ``prompt_tokens`` to skip it.
+    """
+    budget = DEMO_CONFIG.prompt_tokens
+    if backbone.startswith("smollm2-135m"):
+        return budget, f"prompt budget {budget} tokens"
+    from mhee_sdk.registry import get_registry
+
+    counted = get_registry().create("backbone", backbone).count_tokens(PROMPT_SAMPLE)
+    scaled = max(budget, math.ceil(budget * counted / approx_tokens(PROMPT_SAMPLE)))
+    return scaled, f"prompt budget {scaled} tokens of {backbone!r} (the text {budget} SmolLM2 tokens hold)"
+
+
+def run_demo(
+    samples: int | None = None,
+    out_dir: str | Path = "demo_out",
+    backbone: str | None = None,
+    *,
+    prompt_tokens: int | None = None,
+    train_requests: int | None = None,
+    valid_requests: int | None = None,
+    log: Callable[[str], None] | None = print,
+    show: Callable[[str], None] | None = print,
+    progress: bool = True,
+) -> DemoResult:
+    """Run the demo. `samples` overrides the number of test requests, `prompt_tokens` the prompt budget
+    (default: :func:`demo_prompt_tokens`), `train_requests` / `valid_requests` the head-training samples.
+
+    `log` receives the narrative lines, `show` the final table (None: silent).
+    """
+    say = log or (lambda line: None)
     name, why = demo_backbone(backbone)
-    print(why)
-    config = DEMO_CONFIG.replace(eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name)
+    say(why)
+    if prompt_tokens:
+        budget, budget_why = prompt_tokens, f"prompt budget {prompt_tokens} tokens (given)"
+    else:
+        budget, budget_why = demo_prompt_tokens(name)
+    config = DEMO_CONFIG.replace(
+        eval_requests=samples or DEMO_CONFIG.eval_requests, backbone=name, prompt_tokens=budget,
+        train_requests=train_requests or DEMO_CONFIG.train_requests,
+        valid_requests=valid_requests or DEMO_CONFIG.valid_requests,
+    )  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(
+    say(
         f"mhee demo: MovieLens-100K, retriever={config.retriever}{config.retriever_params}, "
-        f"backbone={config.backbone}, "
+        f"backbone={config.backbone}, {budget_why}, "
         f"{config.head} heads; {config.train_requests} train / {config.valid_requests} valid requests for the heads, "
-        f"{config.eval_requests} test requests scored (batch {config.batch_size})",
-        flush=True,
+        f"{config.eval_requests} test requests scored (batch {config.batch_size})"
     )
-    experiment = Experiment(config)
+    experiment = Experiment(config, progress=progress)
+    notes = []
+    requests = experiment.requests()
+    if len(requests) < config.eval_requests:
+        notes.append(f"the test split has {len(requests)} requests: --samples {config.eval_requests} was clamped")
+        say(f"Note: {notes[-1]}")
     report = experiment.fit_heads()
     if report is not None:
         best = max(report.valid_auc, key=report.valid_auc.get)
-        print(f"heads trained: best valid AUC {report.valid_auc[best]:.3f} at layer {best}, "
-              f"last layer {report.valid_auc[experiment.heads.layers[-1]]:.3f}", flush=True)  # fmt: skip
+        say(f"heads trained: best valid AUC {report.valid_auc[best]:.3f} at layer {best}, "
+            f"last layer {report.valid_auc[experiment.heads.layers[-1]]:.3f}")  # fmt: skip
     store = Store.open(out / "mhee_runs.duckdb")
-    run_ids = [experiment.run("never", store=store, name="full depth").run_id]
+    run_ids = [experiment.run("never", store=store, requests=requests, name="full depth").run_id]
     for policy, params in DEMO_POLICIES:
-        run_ids.append(experiment.run(policy, params, store=store).run_id)
+        run_ids.append(experiment.run(policy, params, store=store, requests=requests).run_id)
     for baseline in DEMO_BASELINES:
-        run_ids.append(experiment.run_baseline(baseline, store=store).run_id)
+        run_ids.append(experiment.run_baseline(baseline, store=store, requests=requests).run_id)
     table = runs_table(store, run_ids)
-    print()
-    print(format_runs(table))
+    if show is not None:
+        show("")
+        show(format_runs(table))
     paths = write_plots(store, table, out)
-    print(f"\nwrote {paths[0]} and {store.path} in {time.perf_counter() - started:.0f} s")
-    return store.path
+    say(f"\nwrote {paths[0]} and {store.path} in {time.perf_counter() - started:.0f} s")
+    return DemoResult(store.path, run_ids, paths, notes)
