@@ -104,13 +104,11 @@ def cmd_assets(args: argparse.Namespace) -> int:
         assets.install(args.names or None, log=_logger(args) or (lambda line: None))
         return 0
     if args.action == "verify":
-        problems = assets.verify(args.names or None)
+        problems = assets.verify(args.names or None)  # one line per damaged or missing file, naming the fix
         if args.json:
             print_json({"problems": problems})
-        for problem in [] if args.json else problems:
-            print(f"Error: {problem}", file=sys.stderr)
-        if not problems and not args.json:
-            print("every installed file has its recorded size and SHA-256")
+        else:
+            print("\n".join(problems) or "every installed file has its recorded size and SHA-256")
         return 1 if problems else 0
     rows = assets.status()
     if args.json:

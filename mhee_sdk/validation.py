@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import numbers
 import os
 import re
@@ -149,7 +150,8 @@ def _plural(annotation: str) -> str:
 def value_problem(value: object, annotation: object, label: str) -> str | None:
     """Why `value` does not fit `annotation` (``label=value must be ...``), or None when it fits or cannot be checked.
 
-    Bools are not integers, integers are not floats' strings: ``1.0`` is not an int, ``"0.8"`` is not a number.
+    Bools are not integers, integers are integers (``1.0`` and ``1e9`` are not) and numbers are not strings
+    (``"0.8"`` is not one).
     """
     if annotation is inspect.Parameter.empty or annotation is None:
         return None
@@ -174,7 +176,7 @@ def value_problem(value: object, annotation: object, label: str) -> str | None:
 def _show(value: object) -> str:
     if _is_bool(value):
         return "true" if value else "false"
-    if isinstance(value, float) and value == int(value) and abs(value) >= 1e6:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) >= 1e6:
         return f"{value:g}"
     return repr(value)
 

@@ -93,6 +93,18 @@ def test_help_imports_nothing_heavy(args):
         assert "examples:" in result.stdout and f"mhee {args[0]} " in result.stdout
 
 
+def test_config_and_light_public_names_import_without_torch():
+    code = (
+        "import sys\nimport mhee_sdk.config\n"
+        "from mhee_sdk import ConfigError, Knob, Registry, Request, RunConfig, hookimpl, hookspec\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not set(result.stdout.split()) & HEAVY
+    assert "pluggy" in result.stdout.split()
+
+
 def test_help_is_fast_and_version_is_printed():
     result, cpu = mhee("--help")
     assert result.returncode == 0 and "COMMAND" in result.stdout
