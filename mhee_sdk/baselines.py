@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
 
 from mhee_sdk.data.log import InteractionLog, lowest_liked_rating
 from mhee_sdk.hookspecs import hookimpl
@@ -28,6 +25,8 @@ from mhee_sdk.types import Prediction, Request
 if TYPE_CHECKING:
     from mhee_sdk.evaluation import Experiment, RunResult
     from mhee_sdk.store import Store
+
+# scipy and scikit-learn are imported where used: the registry loads this module on every CLI start
 
 
 class Popularity:
@@ -72,12 +71,13 @@ class GCNScore:
     name = "gcn-score"
 
     def __init__(self, **gcn_params: object) -> None:
-        self.gcn_params = gcn_params
-
-    def fit(self, train: pd.DataFrame, log: InteractionLog) -> GCNScore:
+        """`gcn_params` are :class:`~mhee_sdk.retrievers.gcn.GCNRetriever`'s; a wrong one fails here, before any fit."""
         from mhee_sdk.retrievers.gcn import GCNRetriever
 
-        self.model = GCNRetriever(**self.gcn_params).fit(train, log)
+        self.model = GCNRetriever(**gcn_params)
+
+    def fit(self, train: pd.DataFrame, log: InteractionLog) -> GCNScore:
+        self.model.fit(train, log)
         return self
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:
@@ -97,6 +97,10 @@ class Logistic:
         self.c, self.users, self.items = c, users, items
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> Logistic:
+        from scipy import sparse
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
+
         if self.users is None or self.items is None:
             raise ValueError("the logistic baseline needs users= and items= tables (Experiment passes them)")
         self.encoder = OneHotEncoder(handle_unknown="ignore")
@@ -120,6 +124,8 @@ class Logistic:
         return categorical, [g.split(", ") if g else [] for g in genres]
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:
+        from scipy import sparse
+
         users = np.array([r.user for r in requests])
         items = np.array([r.item for r in requests])
         categorical, genres = self._features(users, items)
@@ -140,6 +146,7 @@ class CollaborativeLogistic:
         self.train_requests, self.k, self.seed, self.retriever = train_requests, k, seed, retriever
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> CollaborativeLogistic:
+        from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -166,6 +173,8 @@ class CollaborativeLogistic:
 
 def platt(valid_scores: np.ndarray, valid_labels: np.ndarray):
     """A 1-D logistic calibration fitted on validation scores; returns ``scores -> probabilities``."""
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression().fit(np.asarray(valid_scores).reshape(-1, 1), np.asarray(valid_labels))
     return lambda scores: model.predict_proba(np.asarray(scores).reshape(-1, 1))[:, 1]
 

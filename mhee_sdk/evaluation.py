@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
@@ -46,10 +45,12 @@ from mhee_sdk.interfaces import (
     require,
 )
 from mhee_sdk.metrics import run_metrics, sliced_quality
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
 from mhee_sdk.types import Prediction, Request, Retrieved
+from mhee_sdk.validation import check_config
 
 PolicySpec = str | tuple[str, dict[str, Any]] | ExitPolicy
 
@@ -105,6 +106,7 @@ class Experiment:
     ) -> None:
         self.config = RunConfig.coerce(config).replace(**overrides) if overrides else RunConfig.coerce(config)
         self.registry = registry or get_registry()
+        check_config(self.config, self.registry)  # every problem at once, before any data or model loads
         self.progress = progress
         self.cache_dir = cache_dir
         self.train_report: TrainReport | None = None
@@ -416,8 +418,8 @@ class Experiment:
                     run_ids[j] = stack.enter_context(store.recording(
                         self._record(config), self.heads.layers, self.backbone.num_layers, name=label,
                         requests_key=key))  # fmt: skip
-            bar = stack.enter_context(tqdm(total=len(requests) * len(prepared), disable=not self.progress,
-                                           desc=f"evaluating {len(prepared)} policies", leave=False))  # fmt: skip
+            bar = stack.enter_context(progress_bar(total=len(requests) * len(prepared), enabled=self.progress,
+                                                   desc=f"evaluating {len(prepared)} policies"))  # fmt: skip
             for b, chunk in enumerate(chunks):
                 for j in np.roll(np.arange(len(prepared)), -b):  # rotate who goes first: no policy always runs cold
                     started = time.perf_counter()
@@ -530,4 +532,5 @@ class Experiment:
 def evaluate(config: RunConfig | dict[str, Any] | str | os.PathLike, store: Store | None = None,
              progress: bool = True) -> RunResult:  # fmt: skip
     """Prepare `config`, train its heads, and evaluate its policy (one call; see Experiment for many policies)."""
-    return Experiment(config, progress=progress).run(store=store)
+    experiment = Experiment(config, progress=progress)
+    return experiment.run(store=store, name=experiment.config.name)

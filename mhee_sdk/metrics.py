@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+# scikit-learn is imported where used: the registry loads this module (via the policies) on every CLI start
 
 if TYPE_CHECKING:
     from mhee_sdk.types import Prediction, Request
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
     """ROC AUC (scikit-learn); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return float("nan")
@@ -98,6 +101,8 @@ def gauc(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) ->
 
 def quality(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) -> dict[str, float]:
     """AUC, GAUC, LogLoss and accuracy (threshold 0.5) of probabilities."""
+    from sklearn.metrics import accuracy_score, log_loss
+
     labels, probs = np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = len(np.unique(labels)) == 2
     return {

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm.auto import tqdm
 
 from mhee_sdk import assets
 from mhee_sdk.cache import HiddenStateCache
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import Backbone, FitsInputs
 from mhee_sdk.loop import LayerLoop, check_exit_layers
+from mhee_sdk.progress import progress_bar
 
 
 def cache_key(
@@ -82,7 +82,7 @@ def collect_hidden(
     with (
         cache.filling(key, (len(texts), len(layers), backbone.hidden_size)) as fill,
         torch.inference_mode(),
-        tqdm(total=len(texts), initial=fill.rows_done, desc="hidden states", disable=not progress, leave=False) as bar,
+        progress_bar(total=len(texts), initial=fill.rows_done, desc="hidden states", enabled=progress) as bar,
     ):
         for start in range(fill.rows_done, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
@@ -183,7 +183,7 @@ def fit_heads(
     torch.manual_seed(config.seed)  # dropout in mlp heads draws from the global stream
     best = {layer: (float("inf"), -1, None) for _, layer in trainable}
     stale = 0
-    for epoch in tqdm(range(config.epochs), desc="training heads", disable=not config.progress, leave=False):
+    for epoch in progress_bar(range(config.epochs), desc="training heads", enabled=config.progress):
         heads.train()
         order = torch.randperm(len(x_train), generator=generator).to(device)
         for start in range(0, len(order), config.batch_size):

@@ -327,14 +327,14 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, case, spec, message):
     flags = ["--rating", spec["rating"], "--like-threshold", "4"] if "rating" in spec else ["--label", "label"]
     assert main(["data", "check", str(path), *flags]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_experiment_raises_the_same_message(tmp_path):
     path = _write(tmp_path, _log(label=[0, 1] * 6 + [2] + [0] * 17))
     config = RunConfig(**TINY, dataset="interactions", dataset_params={"path": str(path), "label": "label"})
     with pytest.raises(ValueError, match=r"^log.csv row 13: the label in column 'label' is 2, not 0 or 1; map it"):
-        Experiment(config, registry=Registry(load_entry_points=False), progress=False)
+        Experiment(config, registry=Registry(load_entry_points=False), progress=False).requests()  # data loads first
 
 
 def test_mhee_data_check_prints_a_summary_or_one_line(tmp_path):
@@ -345,12 +345,12 @@ def test_mhee_data_check_prints_a_summary_or_one_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "log.csv: 30 interactions, 3 users, 4 items" in ok.stdout and "liked (label 1): 50.0%" in ok.stdout
     assert "split by time: train 24 (from 1), valid 3 (from 25), test 3 (from 28)" in ok.stdout
-    assert ok.stderr.startswith("warning: 1 rows of log.csv repeat")
+    assert ok.stderr.startswith("Warning: 1 rows of log.csv repeat")
     bad = subprocess.run([sys.executable, "-m", "mhee_sdk.cli", "data", "check", str(path), "--label", "lable"],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == [
-        "error: log.csv has no column 'lable' (dataset_params.label; --label in mhee data check); did you mean "
+        "Error: log.csv has no column 'lable' (dataset_params.label; --label in mhee data check); did you mean "
         "'label'? the log has: user, item, timestamp, label"
     ]
 
