@@ -16,7 +16,7 @@ from mhee_sdk.interfaces import SPLITS
 class RunConfig:
     """Everything a run needs. Plugin names are looked up in the registry; `*_params` go to their factories.
 
-    Example TOML::
+    Example TOML:
 
         name = "gcn + max-prob"
         retriever = "gcn"

@@ -1,7 +1,8 @@
 """Run a config end to end: data -> retriever -> prompts -> backbone + heads -> policy -> store.
 
-:class:`Experiment` builds the expensive parts once (fitted retriever, loaded backbone, trained heads)
-so a notebook can evaluate many policies on the same requests; :func:`evaluate` is the one-call form.
+[`Experiment`][mhee_sdk.evaluation.Experiment] builds the expensive parts once (fitted retriever, loaded
+backbone, trained heads) so a notebook can evaluate many policies on the same requests;
+[`evaluate`][mhee_sdk.evaluation.evaluate] is the one-call form.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class RunResult:
 
 
 class Experiment:
-    """The prepared pipeline of a :class:`RunConfig`; evaluate any number of policies with :meth:`run`."""
+    """The prepared pipeline of a [`RunConfig`][mhee_sdk.config.RunConfig]: evaluate many policies with `run`."""
 
     def __init__(
         self,

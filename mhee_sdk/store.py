@@ -72,7 +72,7 @@ def _versions() -> dict[str, str]:
 
 
 class Store:
-    """A DuckDB evaluation store at `path`. Use :meth:`open`."""
+    """A DuckDB evaluation store at `path`. Use [`open`][mhee_sdk.store.Store.open]."""
 
     def __init__(self, path: str | Path, read_only: bool) -> None:
         self.path = Path(path)

@@ -23,7 +23,7 @@ def approx_tokens(text: str) -> int:
 
 @dataclass
 class PromptBuilder:
-    """Writes prompts like::
+    """Writes prompts like:
 
         User: 24-year-old male technician.
         The user's earlier ratings (1-5):

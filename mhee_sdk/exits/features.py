@@ -28,7 +28,7 @@ FEATURE_NAMES = (
 
 
 class CollaborativeFeatures:
-    """Computes :data:`FEATURE_NAMES` for requests and their retrieved evidence."""
+    """Computes ``FEATURE_NAMES`` for requests and their retrieved evidence."""
 
     def __init__(self, smoothing: float = 10.0, like_threshold: float = 4.0) -> None:
         self.smoothing, self.like_threshold = smoothing, like_threshold
