@@ -109,6 +109,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mhee_sdk.export import ExtraNotInstalled, export_mlflow
+    from mhee_sdk.store import Store
+
+    try:
+        exported = export_mlflow(Store.open(args.store, read_only=True), args.run_ids or None,
+                                 tracking_uri=args.tracking_uri, experiment=args.experiment)  # fmt: skip
+    except ExtraNotInstalled as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    for run in exported:
+        state = "exported" if run.new else "already in MLflow"
+        print(f"{run.name} ({run.run_id}): {state} as MLflow run {run.mlflow_run_id}")
+    new = sum(run.new for run in exported)
+    print(f"{new} of {len(exported)} runs newly exported to MLflow experiment {args.experiment!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mhee`."""
     parser = argparse.ArgumentParser(prog="mhee", description=__doc__)
@@ -150,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default="demo_out/mhee_runs.duckdb", help="DuckDB store file")
     report.add_argument("--out", default="report_out", help="folder for the plots")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="log finished runs to MLflow (params, metrics, plots); extra: mlflow")
+    export.add_argument("target", choices=["mlflow"], help="where to export (only MLflow so far)")
+    export.add_argument("run_ids", nargs="*", help="runs to export (default: every finished run)")
+    export.add_argument("--store", default="demo_out/mhee_runs.duckdb", help="DuckDB store file")
+    export.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    export.add_argument("--experiment", default="mhee-sdk", help="MLflow experiment (created when missing)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
