@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mhee-installed
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: setup assets test test-fast test-slow lint docs demo bench constraints clean
+.PHONY: setup assets test test-fast test-slow lint docs images demo bench constraints clean
 
 setup: $(STAMP) assets
 
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict -d build/site
+
+# the README's and the docs' pictures: the Pareto plot of demo_out/ (tiny demo if absent), widget screenshots
+images: setup
+	$(PY) docs/make_images.py demo_out/mhee_runs.duckdb
+	MHEE_SCREENSHOTS=docs/images $(PY) -m pytest tests/test_browser.py
 
 test-fast: setup
 	$(PY) -m pytest
