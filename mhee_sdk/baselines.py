@@ -2,8 +2,8 @@
 
 Each has ``fit(train, log)`` and ``score(requests) -> [N]`` (higher = more likely liked). Like the
 retrievers they see only training interactions and the log strictly before each request.
-:func:`platt` turns any score into a calibrated probability (fit on validation requests) so LogLoss
-is comparable too.
+[`platt`][mhee_sdk.baselines.platt] turns any score into a calibrated probability (fit on validation
+requests) so LogLoss is comparable too.
 """
 
 from __future__ import annotations

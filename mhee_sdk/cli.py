@@ -280,6 +280,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mhee_sdk.export import ExtraNotInstalled, export_mlflow
+    from mhee_sdk.store import Store
+
+    _require_store_file(args.store)
+    try:
+        exported = export_mlflow(Store.open(args.store, read_only=True), args.run_ids or None,
+                                 tracking_uri=args.tracking_uri, experiment=args.experiment)  # fmt: skip
+    except ExtraNotInstalled as err:
+        raise UserError(str(err)) from err
+    for run in exported:
+        state = "exported" if run.new else "already in MLflow"
+        print(f"{run.name} ({run.run_id}): {state} as MLflow run {run.mlflow_run_id}")
+    new = sum(run.new for run in exported)
+    print(f"{new} of {len(exported)} runs newly exported to MLflow experiment {args.experiment!r}")
+    return 0
+
+
 def _require_store_file(path: str) -> None:
     if Path(path).is_dir():
         raise UserError(f"store {path!r} is a folder; pass the DuckDB file with --store FILE")
@@ -401,6 +419,8 @@ EXAMPLES = {
     "run.toml:\n  backbone = \"tiny\"\n  policy = \"max-prob\"\n  policy_params = { threshold = 0.8 }\n"
     "(every key: docs/cli.md#run-config-toml)",
     "finetune": "examples:\n  mhee finetune --minutes 30\n  mhee finetune --name small --soft-tokens 4 --no-lora",
+    "export": "examples:\n  mhee export mlflow --store demo_out/mhee_runs.duckdb\n"
+    "  mhee export mlflow RUN_ID --tracking-uri sqlite:///mlflow.db --experiment mine",
     "report": "examples:\n  mhee report\n  mhee report --store runs.duckdb --out plots/\n"
     "  mhee report RUN_ID RUN_ID --json",
 }
@@ -500,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default="demo_out/mhee_runs.duckdb", help="DuckDB store file")
     report.add_argument("--out", default="report_out", help="folder for the plots")
     report.add_argument("--json", action="store_true", help="the runs and plot paths as JSON")
+
+    export = command("export", "log finished runs to MLflow (params, metrics, plots); extra: mlflow", cmd_export)
+    export.add_argument("target", choices=["mlflow"], help="where to export (only MLflow so far)")
+    export.add_argument("run_ids", nargs="*", help="runs to export (default: every finished run)")
+    export.add_argument("--store", default="demo_out/mhee_runs.duckdb", help="DuckDB store file")
+    export.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    export.add_argument("--experiment", default="mhee-sdk", help="MLflow experiment (created when missing)")
     return parser
 
 

@@ -38,7 +38,7 @@ def plain(value: Any) -> Any:
 class RunConfig:
     """Everything a run needs. Plugin names are looked up in the registry; `*_params` go to their factories.
 
-    Example TOML::
+    Example TOML:
 
         name = "gcn + max-prob"
         retriever = "gcn"

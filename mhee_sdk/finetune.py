@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 class FinetuneConfig:
     """Fine-tuning settings; the defaults finish in under an hour on 2 CPU cores (see bench/RESULTS.md).
 
-    ``max_minutes`` bounds :func:`finetune`'s training loop; :meth:`Experiment.finetune` reads it as the
-    budget of the whole job (frozen head fit, training, re-fit) and gives the loop what is left.
+    ``max_minutes`` bounds [`finetune`][mhee_sdk.finetune.finetune]'s training loop;
+    [`Experiment.finetune`][mhee_sdk.evaluation.Experiment.finetune] reads it as the budget of the whole job
+    (frozen head fit, training, re-fit) and gives the loop what is left.
     """
 
     lora: bool = True

@@ -6,7 +6,7 @@ thing you provide. ``factory(**params)`` must build a fresh instance from keywor
 (the values a run config gives), so a run can be described as plain data. What each built object
 must provide is stated once, in ``mhee_sdk.interfaces``; the docstrings below point there.
 
-Ship a plugin as an ordinary package with an entry point in the ``mhee_sdk`` group::
+Ship a plugin as an ordinary package with an entry point in the ``mhee_sdk`` group:
 
     [project.entry-points.mhee_sdk]
     my_plugin = "my_package.plugin"

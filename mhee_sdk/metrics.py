@@ -1,8 +1,9 @@
 """Quality and exit metrics: AUC (plain, weighted, by ranks), GAUC, LogLoss, accuracy, exit-layer statistics,
 and the same quality on slices of the requests (``auc@cold_items``, ...; slices in ``mhee_sdk.data.split``).
 
-Every AUC in the SDK comes from here: :func:`auc` (scikit-learn) for reports, :class:`WeightedAUC` for
-bootstrap resamples (calibration), :func:`auc_of_ranks` for sweeps that score thousands of settings.
+Every AUC in the SDK comes from here: [`auc`][mhee_sdk.metrics.auc] (scikit-learn) for reports,
+[`WeightedAUC`][mhee_sdk.metrics.WeightedAUC] for bootstrap resamples (calibration),
+[`auc_of_ranks`][mhee_sdk.metrics.auc_of_ranks] for sweeps that score thousands of settings.
 All count ties as half, so they agree to rounding.
 """
 

@@ -1,13 +1,14 @@
 """Fit exit heads on a frozen backbone.
 
-Step 1, :func:`collect_hidden`: run the backbone once over the prompts and keep the pooled hidden state
-of every exit layer, ``[N, L, H]`` float16 on disk, keyed by a hash of (backbone, layers, prompts). A
-second run with the same inputs skips the backbone; an interrupted run resumes from the last batch.
+Step 1, [`collect_hidden`][mhee_sdk.train.collect_hidden]: run the backbone once over the prompts and keep
+the pooled hidden state of every exit layer, ``[N, L, H]`` float16 on disk, keyed by a hash of (backbone,
+layers, prompts). A second run with the same inputs skips the backbone; an interrupted run resumes from
+the last batch.
 
-Step 2, :func:`fit_heads`: train all heads together on those features. The loss is a weighted sum of
-per-layer binary cross-entropies; each head gets its own learning rate, higher for shallower heads
-(the paper's depth-aware rates); each head keeps the parameters of its best validation epoch, and
-training stops when no head has improved for `patience` epochs.
+Step 2, [`fit_heads`][mhee_sdk.train.fit_heads]: train all heads together on those features. The loss is a
+weighted sum of per-layer binary cross-entropies; each head gets its own learning rate, higher for
+shallower heads (the paper's depth-aware rates); each head keeps the parameters of its best validation
+epoch, and training stops when no head has improved for `patience` epochs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Split (documented in docs/concepts.md): all 100,000 ratings are ordered by time;
 ``train``, the next 10% ``valid``, the last 10% ``test``. Boundaries move forward past ties, so every
 valid/test rating is strictly later than every train rating. Each rating is one request; its label
 is 1 when the rating is >= 4. Evidence for a request comes only from strictly earlier ratings
-(:class:`~mhee_sdk.data.log.InteractionLog`), and retrievers are fitted on ``train`` only.
+([`InteractionLog`][mhee_sdk.data.log.InteractionLog]), and retrievers are fitted on ``train`` only.
 """
 
 from __future__ import annotations
