@@ -40,24 +40,9 @@ FIRST_RUN = 40  # requests of the finished run every writer records before the o
 
 def batch(start: int, rows: int) -> dict[str, pd.DataFrame]:
     """One batch of synthetic rows for every appendable table."""
-    ids = np.arange(start, start + rows)
-    return {
-        "predictions": pd.DataFrame(
-            {
-                "request_id": ids,
-                "user": ids % 7,
-                "item": ids % 11,
-                "label": ids % 2,
-                "prob": 0.5,
-                "exit_layer": 9,
-                "latency_s": 0.01,
-            }
-        ),
-        "layer_outputs": pd.DataFrame(
-            {"request_id": np.repeat(ids, 3), "layer": np.tile(LAYERS, rows), "head": "linear", "prob": 0.5}
-        ),
-        "requests": pd.DataFrame({"request_id": ids, "prompt": "p", "retrieved": "[]"}),
-    }
+    from mhee_sdk.testing import synthetic_batch
+
+    return synthetic_batch(np.arange(start, start + rows), LAYERS)
 
 
 def writer(path: str, batches: int, rows: int, pause: float, flush: float) -> None:

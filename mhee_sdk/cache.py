@@ -25,19 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mhee_sdk.assets import sha256
+
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class CacheEntryWarning(UserWarning):
     """A cache entry was damaged (or written by an older mhee-sdk) and was removed to be rebuilt."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -172,7 +166,7 @@ class HiddenStateCache:
             return None, f"has no valid checksum record {paths['meta'].name} ({type(err).__name__}: {err})", inode
         if size != expected[0]:
             return None, f"has {size} bytes, expected {expected[0]} (truncated or overwritten)", inode
-        if _sha256(entry) != expected[1]:
+        if sha256(entry) != expected[1]:
             return None, "does not match its SHA-256 (altered or zeroed)", inode
         try:
             array = np.load(entry, mmap_mode="r")
@@ -238,7 +232,7 @@ class HiddenStateCache:
             "shape": list(shape),
             "dtype": dtype.str,
             "size": paths["partial"].stat().st_size,
-            "sha256": _sha256(paths["partial"]),
+            "sha256": sha256(paths["partial"]),
         }
         _write_json(paths["meta"], record)  # first: an entry without its record would read as damaged
         os.replace(paths["partial"], paths["entry"])

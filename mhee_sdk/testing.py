@@ -383,6 +383,24 @@ def check_baseline(baseline: Any, dataset: Any, requests: Sequence[Request] | No
         )
 
 
+def synthetic_batch(ids: Sequence[int], layers: Sequence[int] = (3, 6, 9)) -> dict:
+    """One batch of synthetic rows for every table a run appends to (``Store.append_batch``), for store tests.
+
+    Every request exits at the last of `layers` with P(like) 0.5; users and items are ``id % 7`` and ``id % 11``.
+    """
+    import pandas as pd
+
+    ids = np.asarray(ids)
+    layers = [int(layer) for layer in layers]
+    return {
+        "predictions": pd.DataFrame({"request_id": ids, "user": ids % 7, "item": ids % 11, "label": ids % 2,
+                                     "prob": 0.5, "exit_layer": layers[-1], "latency_s": 0.01}),
+        "layer_outputs": pd.DataFrame({"request_id": np.repeat(ids, len(layers)), "layer": np.tile(layers, len(ids)),
+                                       "head": "linear", "prob": 0.5}),
+        "requests": pd.DataFrame({"request_id": ids, "prompt": "p", "retrieved": "[]"}),
+    }  # fmt: skip
+
+
 def synthetic_full_depth_run(store, requests: int, layers: Sequence[int], seed: int = 0, users: int = 50) -> str:
     """Log a finished full-depth run of `requests` synthetic requests in `store`; returns its run id.
 

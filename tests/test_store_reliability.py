@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from mhee_sdk.store import Store, StoreBusyError, StoreError
-from mhee_sdk.testing import synthetic_full_depth_run
+from mhee_sdk.testing import synthetic_batch, synthetic_full_depth_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [3, 6, 9]
@@ -29,7 +29,7 @@ WRITER = textwrap.dedent(
     import sys, time
     import numpy as np, pandas as pd
     from mhee_sdk.store import Store
-    from mhee_sdk.testing import synthetic_full_depth_run
+    from mhee_sdk.testing import synthetic_batch, synthetic_full_depth_run
 
     path, batches, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     pause, flush = float(sys.argv[4]), float(sys.argv[5])
@@ -40,13 +40,7 @@ WRITER = textwrap.dedent(
         print("started", run_id, flush=True)
         for i in range(batches):
             ids = np.arange(i * rows, (i + 1) * rows)
-            store.append_batch(run_id, {
-                "predictions": pd.DataFrame({"request_id": ids, "user": ids % 7, "item": ids % 11, "label": ids % 2,
-                                             "prob": 0.5, "exit_layer": 9, "latency_s": 0.01}),
-                "layer_outputs": pd.DataFrame({"request_id": np.repeat(ids, 3), "layer": np.tile([3, 6, 9], rows),
-                                               "head": "linear", "prob": 0.5}),
-                "requests": pd.DataFrame({"request_id": ids, "prompt": "p", "retrieved": "[]"}),
-            })
+            store.append_batch(run_id, synthetic_batch(ids))
             print("batch", i, flush=True)
             time.sleep(pause)
     print("done", store.lock_waits.count, store.lock_waits.total_s, store.lock_waits.max_s, flush=True)
@@ -98,24 +92,7 @@ def _wait_for(proc: subprocess.Popen, prefix: str) -> str:
 
 
 def _batch(ids: np.ndarray) -> dict[str, pd.DataFrame]:
-    rows = len(ids)
-    return {
-        "predictions": pd.DataFrame(
-            {
-                "request_id": ids,
-                "user": ids % 7,
-                "item": ids % 11,
-                "label": ids % 2,
-                "prob": 0.5,
-                "exit_layer": 9,
-                "latency_s": 0.01,
-            }
-        ),
-        "layer_outputs": pd.DataFrame(
-            {"request_id": np.repeat(ids, 3), "layer": np.tile(LAYERS, rows), "head": "linear", "prob": 0.5}
-        ),
-        "requests": pd.DataFrame({"request_id": ids, "prompt": "p", "retrieved": "[]"}),
-    }
+    return synthetic_batch(ids, LAYERS)
 
 
 # ---------------------------------------------------------------------------------------- readers and writers
