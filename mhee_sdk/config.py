@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mhee_sdk.data.prompt import PromptTemplate
+from mhee_sdk.executors import check_executor_settings
 from mhee_sdk.interfaces import SPLITS
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -70,6 +71,12 @@ class RunConfig:
     eval_requests: int = 200
     seed: int = 0
     cold_threshold: int = 5
+    # where batches run (docs/cluster.md); not part of what a run computes, so not of its identity
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, the Ray of this process, or a new local cluster
+    num_workers: int | None = None  # None: as many as the cluster's CPUs (GPUs) fit
+    cpus_per_worker: float = 1.0  # also each worker's torch threads
+    gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -87,6 +94,8 @@ class RunConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a table/dict, got {getattr(self, name)!r}")
         PromptTemplate().with_overrides(self.prompt)  # unknown keys and bad values fail here, not mid-run
+        check_executor_settings(self.executor, self.ray_address, self.num_workers, self.cpus_per_worker,
+                                self.gpus_per_worker)  # fmt: skip
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
