@@ -13,7 +13,7 @@ setup: $(STAMP) assets
 $(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,notebook,lora,docs]' \
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,notebook,lora,docs,ray]' \
 		$(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $(STAMP)
 

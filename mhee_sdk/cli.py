@@ -123,7 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mhee_sdk.store import Store
 
     config = RunConfig.from_toml(args.config)
-    config = config.replace(**{name: getattr(args, name) for name in ("dtype", "device") if getattr(args, name)})
+    chosen = ("dtype", "device", "executor", "ray_address", "num_workers")
+    config = config.replace(**{name: getattr(args, name) for name in chosen if getattr(args, name)})
     store = Store.open(args.store)
     result = evaluate(config, store=store)
     table = runs_table(store, [result.run_id])
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to a TOML run config (see docs/cli.md)")
     run.add_argument("--store", default="mhee_runs.duckdb", help="DuckDB store file")
     add_precision_options(run, default=None)
+    run.add_argument("--executor", choices=["local", "ray"], help="where batches run (default: the config's)")
+    run.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a new local one)")
+    run.add_argument("--num-workers", type=int, help="Ray actors (default: as many as the cluster's CPUs fit)")
     run.set_defaults(func=cmd_eval)
 
     tune = sub.add_parser("finetune", help="LoRA / soft-token fine-tuning with the exit-head loss (CPU: < 1 h)")
