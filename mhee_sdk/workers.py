@@ -83,7 +83,7 @@ class PolicyChunks:
         engines = [EarlyExitEngine(backbone, heads, policy, system=self.system) for policy in policies]
 
         def run_chunk(chunk: Chunk) -> ChunkOutput:
-            fault_point(chunk.index)
+            _inject_fault(chunk.index)
             prefix = None if chunk.prefix is None else chunk.prefix.to(backbone.device)
             out: list[list[Prediction]] = [[] for _ in engines]
             seconds = [0.0] * len(engines)
@@ -120,7 +120,7 @@ class HiddenChunks:
         backbone = _resolve(self.backbone)
 
         def run_chunk(chunk: HiddenChunk) -> np.ndarray:
-            fault_point(chunk.index)
+            _inject_fault(chunk.index)
             prefix = None if chunk.prefix is None else chunk.prefix.to(backbone.device)
             with torch.inference_mode():
                 loop = LayerLoop(backbone, chunk.texts, self.layers, prefix=prefix, system=self.system)
@@ -138,7 +138,7 @@ class HiddenChunks:
 FAULT_VARIABLE = "MHEE_TEST_FAIL_BATCH"
 
 
-def fault_point(index: int) -> None:
+def _inject_fault(index: int) -> None:
     """Fail as ``MHEE_TEST_FAIL_BATCH`` says, if it names batch `index`; otherwise nothing."""
     for fault in filter(None, os.environ.get(FAULT_VARIABLE, "").split(",")):
         target, mode, marker = fault.split(":", 2)
