@@ -149,6 +149,27 @@ def test_hidden_states_arriving_out_of_order_are_written_in_order_and_resume(loc
     np.testing.assert_array_equal(resumed, expected)
 
 
+class Interrupted:
+    """An in-process executor whose run gets Ctrl-C after the first batch."""
+
+    in_process = True
+
+    def map(self, make_worker, items, shared=None):
+        worker = make_worker(**(shared or {}))
+        yield 0, worker(items[0])
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_run_marks_it_failed(local_exp, tmp_path, monkeypatch):
+    monkeypatch.setattr(local_exp, "executor", Interrupted)
+    store = Store.open(tmp_path / "runs.duckdb")
+    with pytest.raises(KeyboardInterrupt):
+        local_exp.run("never", store=store, requests=local_exp.requests(limit=16))
+    runs = store.runs(include_failed=True)
+    assert runs["status"].tolist() == ["failed"]
+    assert store.run(runs["run_id"].iloc[0])["error"].startswith("KeyboardInterrupt")
+
+
 def test_local_executor_maps_in_order():
     assert list(LocalExecutor().map(lambda scale: (lambda x: x * scale), [1, 2, 3], {"scale": 10})) == [
         (0, 10), (1, 20), (2, 30)]  # fmt: skip
