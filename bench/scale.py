@@ -33,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # short prompts, a smaller tiny model and big batches: the executor, the driver and the store are measured
-TINY = dict(backbone="tiny", backbone_params={"num_layers": 4, "hidden_size": 32}, retriever="recent", k=1,
-            prompt_tokens=240, head="linear", exit_layers=[2, 4], train_requests=80, valid_requests=60,
+TINY = dict(backbone="tiny", backbone_params={"num_layers": 2, "hidden_size": 16}, retriever="recent", k=1,
+            prompt_tokens=240, head="linear", exit_layers=[1, 2], train_requests=80, valid_requests=60,
             batch_size=128)  # fmt: skip
 POLICY = ("max-prob", {"threshold": 0.6})
 

@@ -125,7 +125,7 @@ def _collect_on(
         items = [HiddenChunk(b, start, list(texts[start : start + batch_size]),
                              None if prefix is None else prefix[start : start + batch_size].cpu())
                  for b, start in enumerate(starts)]  # fmt: skip
-        waiting: dict[int, np.ndarray] = {}  # batches that came before an earlier one (at most the in-flight window)
+        waiting: dict[int, np.ndarray] = {}  # batches that overtook an earlier one (usually those in flight)
         written = 0
         worker = HiddenChunks(backbone_spec, layers, system, fill.dtype)
         with (
