@@ -179,7 +179,7 @@ def test_local_executor_maps_in_order():
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="pip install 'mhee-sdk[ray]'")
-    start_local_ray(num_cpus=2, attempts=2)
+    start_local_ray(num_cpus=2, attempts=3)  # a busy machine misses Ray's 15 s startup wait (ray#65983)
     yield ray
     ray.shutdown()
 
