@@ -15,7 +15,7 @@ setup: $(STAMP) assets
 $(STAMP): pyproject.toml constraints.txt $(PLUGIN_PROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,notebook,lora,docs,mlflow]' \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,notebook,lora,docs,mlflow,ray]' \
 		$(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $(STAMP)
 

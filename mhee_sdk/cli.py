@@ -204,7 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mhee_sdk.registry import get_registry
 
     values = read_toml(args.config)
-    values.update({name: getattr(args, name) for name in ("dtype", "device") if getattr(args, name)})
+    chosen = ("dtype", "device", "executor", "ray_address", "num_workers")  # flags override the config's
+    values.update({name: getattr(args, name) for name in chosen if getattr(args, name)})
     _require_store_folder(args.store)
     registry = get_registry()
     check_config(values, registry, source=args.config)  # every problem at once, before any data or model loads
@@ -415,7 +416,8 @@ EXAMPLES = {
     "demo": "examples:\n  mhee demo --backbone tiny --samples 20    # the real code path in about a minute\n"
     "  mhee demo                                 # SmolLM2-135M, a few minutes on a laptop CPU\n"
     "  mhee demo --json > demo.json",
-    "eval": "examples:\n  mhee eval run.toml\n  mhee eval run.toml --store runs.duckdb --json\n\n"
+    "eval": "examples:\n  mhee eval run.toml\n  mhee eval run.toml --store runs.duckdb --json\n"
+    "  mhee eval run.toml --executor ray --num-workers 2    # batches on a Ray actor pool (docs/cluster.md)\n\n"
     "run.toml:\n  backbone = \"tiny\"\n  policy = \"max-prob\"\n  policy_params = { threshold = 0.8 }\n"
     "(every key: docs/cli.md#run-config-toml)",
     "finetune": "examples:\n  mhee finetune --minutes 30\n  mhee finetune --name small --soft-tokens 4 --no-lora",
@@ -504,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default="mhee_runs.duckdb", help="DuckDB store file")
     run.add_argument("--json", action="store_true", help="the run's row and metrics as JSON; progress on stderr")
     add_precision_options(run, default=None)
+    run.add_argument("--executor", choices=["local", "ray"], help="where batches run (default: the config's)")
+    run.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a new local one)")
+    run.add_argument("--num-workers", type=_positive_int, help="Ray actors (default: as many as the CPUs fit)")
 
     tune = command("finetune", "LoRA / soft-token fine-tuning with the exit-head loss (CPU: < 1 h)", cmd_finetune)
     tune.add_argument("--name", default="demo", help="adapter name (the demo uses 'demo' when it exists)")

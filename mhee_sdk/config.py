@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mhee_sdk.data.prompt import PromptTemplate
+from mhee_sdk.executors import check_executor_settings
 from mhee_sdk.interfaces import SPLITS
 from mhee_sdk.validation import ConfigError, field_problems, value_problem
 
@@ -74,6 +75,12 @@ class RunConfig:
     eval_requests: int = 200
     seed: int = 0
     cold_threshold: int = 5
+    # where batches run (docs/cluster.md); not part of what a run computes, so not of its identity
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, the Ray of this process, or a new local cluster
+    num_workers: int | None = None  # None: as many as the cluster's CPUs (GPUs) fit
+    cpus_per_worker: float = 1.0  # also each worker's torch threads
+    gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         problems = config_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -186,4 +193,11 @@ def config_problems(values: dict[str, Any]) -> list[str]:
             PromptTemplate().with_overrides(prompt)  # unknown keys and bad values fail here, not mid-run
         except (TypeError, ValueError) as err:
             problems.append(f"prompt: {err}")
+    executor_keys = ("executor", "ray_address", "num_workers", "cpus_per_worker", "gpus_per_worker")
+    if not any(problem.startswith(executor_keys) for problem in problems):  # a wrong type is reported once, above
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in executor_keys}
+        try:
+            check_executor_settings(*(values.get(key, defaults[key]) for key in executor_keys))
+        except ValueError as err:
+            problems.append(str(err))
     return problems

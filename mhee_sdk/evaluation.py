@@ -9,15 +9,15 @@ machine; :func:`evaluate` is the one-call form.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +31,7 @@ from mhee_sdk.config import RunConfig
 from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
 from mhee_sdk.data.split import RequestSlices
 from mhee_sdk.engine import EarlyExitEngine
+from mhee_sdk.executors import Executor, executor_for
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output, load_heads, save_heads
 from mhee_sdk.exits.policies import FULL_DEPTH
@@ -51,6 +52,7 @@ from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
 from mhee_sdk.types import Prediction, Request, Retrieved
 from mhee_sdk.validation import check_config
+from mhee_sdk.workers import BackboneSpec, Chunk, PolicyChunks
 
 PolicySpec = str | tuple[str, dict[str, Any]] | ExitPolicy
 
@@ -278,7 +280,8 @@ class Experiment:
         texts, retrieved = self.prompts(requests)
         hidden = collect_hidden(
             self.backbone, texts, self.heads.layers, cache_dir=self.cache_dir, progress=self.progress,
-            prefix=self.prefix(requests), system=self.system,
+            prefix=self.prefix(requests), system=self.system, executor=self.executor(),
+            backbone_spec=self.backbone_spec(),
         )  # fmt: skip
         return hidden, np.array([r.label for r in requests]), self.extra_features(requests, retrieved)
 
@@ -399,6 +402,7 @@ class Experiment:
         """
         for spec in policies:  # names and parameters checked before the heads are trained (minutes on a real model)
             self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))
+        executor = self.executor()  # likewise a missing ray extra
         self._ensure_heads()
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
                                                                      strict=True)]  # fmt: skip
@@ -406,11 +410,12 @@ class Experiment:
         texts, retrieved = self.prompts(requests)
         key = self.requests_key(requests)
         features, prefix = self.extra_features(requests, retrieved), self.prefix(requests)
-        engines = [EarlyExitEngine(self.backbone, self.heads, policy, system=self.system) for _, _, policy in prepared]
         size = self.config.batch_size
         chunks = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
         times = np.zeros((len(chunks), len(prepared)))
         predictions: list[dict[int, Prediction]] = [{} for _ in prepared]
+        work = self._chunk_work(executor, [policy for _, _, policy in prepared], requests, texts, chunks, features,
+                                prefix)  # fmt: skip
         with ExitStack() as stack:
             run_ids = [None] * len(prepared)
             if store is not None:
@@ -420,17 +425,15 @@ class Experiment:
                         requests_key=key))  # fmt: skip
             bar = stack.enter_context(progress_bar(total=len(requests) * len(prepared), enabled=self.progress,
                                                    desc=f"evaluating {len(prepared)} policies"))  # fmt: skip
-            for b, chunk in enumerate(chunks):
-                for j in np.roll(np.arange(len(prepared)), -b):  # rotate who goes first: no policy always runs cold
-                    started = time.perf_counter()
-                    out = engines[j].run_batch([texts[i] for i in chunk], [requests[i].request_id for i in chunk],
-                                               None if features is None else features[chunk],
-                                               None if prefix is None else prefix[chunk])  # fmt: skip
-                    times[b, j] = time.perf_counter() - started
+            results_in = stack.enter_context(closing(executor.map(*work)))  # closed (Ray stopped) on any error
+            for b, done in results_in:  # any order on Ray; this process is the single store writer
+                chunk = chunks[b]
+                for j, out in enumerate(done.predictions):
+                    times[b, j] = done.seconds[j]
                     predictions[j].update(zip(chunk, out, strict=True))
                     if store is not None:
                         self._log_batch(store, run_ids[j], chunk, out, requests, texts, retrieved)
-                    bar.update(len(chunk))
+                bar.update(len(chunk) * len(prepared))
             results = []
             full = next((j for j, (stored, _, _) in enumerate(prepared) if stored.policy == FULL_DEPTH), None)
             for j, (_, label, _) in enumerate(prepared):
@@ -443,6 +446,25 @@ class Experiment:
                     store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
                 results.append(RunResult(label, run_ids[j], ordered, metrics, float(times[:, j].sum())))
         return results
+
+    def executor(self) -> Executor:
+        """Where batches run: this process, or a Ray actor pool (the config's ``executor`` and its settings)."""
+        return executor_for(self.config)
+
+    def backbone_spec(self) -> BackboneSpec:
+        """How a worker process rebuilds this backbone: registry name, options, and the fingerprint to match."""
+        return BackboneSpec(self.config.backbone, self.config.backbone_options(), self.backbone.fingerprint)
+
+    def _chunk_work(self, executor, policies, requests, texts, chunks, features, prefix) -> tuple:
+        """``(make_worker, items, shared)`` of run_many for `executor`: each item is one chunk of requests."""
+        remote = not executor.in_process
+        items = [Chunk(b, [texts[i] for i in chunk], [requests[i].request_id for i in chunk],
+                       None if features is None else features[chunk],
+                       None if prefix is None else (prefix[chunk].cpu() if remote else prefix[chunk]))
+                 for b, chunk in enumerate(chunks)]  # fmt: skip
+        heads = copy.deepcopy(self.heads).cpu() if remote else self.heads  # workers may have no GPU of the driver's
+        backbone = self.backbone_spec() if remote else self.backbone
+        return PolicyChunks(backbone, self.system), items, {"heads": heads, "policies": policies}
 
     def _prepare(self, spec: PolicySpec, name: str) -> tuple[RunConfig, str, ExitPolicy]:
         """The run's config (policy and parameters as stored), its label, and the policy object."""

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from torch import nn
 
 from mhee_sdk import assets
 from mhee_sdk.cache import HiddenStateCache
+from mhee_sdk.executors import Executor
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import Backbone, FitsInputs
 from mhee_sdk.loop import LayerLoop, check_exit_layers
 from mhee_sdk.progress import progress_bar
+from mhee_sdk.workers import BackboneSpec, HiddenChunk, HiddenChunks
 
 
 def cache_key(
@@ -62,6 +65,8 @@ def collect_hidden(
     progress: bool = True,
     prefix: torch.Tensor | None = None,
     system: str | None = None,
+    executor: Executor | None = None,
+    backbone_spec: BackboneSpec | None = None,
 ) -> np.ndarray:
     """Pooled hidden states ``[N, len(layers), H]`` (float16), from the disk cache when present.
 
@@ -69,6 +74,8 @@ def collect_hidden(
     (``mhee_sdk.cache.HiddenStateCache``): an interrupted call resumes where it stopped, a damaged entry
     is reported and rebuilt, and two processes filling the same entry wait for each other.
     prefix: ``[N, S, H]`` soft tokens, if any; system: the chat system message (see ``Backbone.start``).
+    executor: where the batches run (default: this process); one that is not in-process (Ray) needs
+    `backbone_spec` to rebuild the backbone on its workers. This process writes the cache, in row order.
     """
     if not texts:
         raise ValueError("collect_hidden needs at least one prompt")
@@ -80,6 +87,12 @@ def collect_hidden(
     found = cache.get(key)
     if found is not None:
         return found
+    if executor is not None and not executor.in_process:
+        if backbone_spec is None:
+            raise ValueError(f"collect_hidden on {executor!r} needs backbone_spec: workers rebuild the backbone")
+        shape = (len(texts), len(layers), backbone.hidden_size)
+        _collect_on(executor, cache, key, shape, backbone_spec, texts, layers, batch_size, progress, prefix, system)
+        return cache.get(key)
     with (
         cache.filling(key, (len(texts), len(layers), backbone.hidden_size)) as fill,
         torch.inference_mode(),
@@ -92,6 +105,41 @@ def collect_hidden(
             fill.write(start, np.stack([pooled.float().cpu().numpy() for _, pooled in loop], axis=1))  # [B, L, H]
             bar.update(len(chunk))
     return cache.get(key)
+
+
+def _collect_on(
+    executor: Executor,
+    cache: HiddenStateCache,
+    key: str,
+    shape: tuple[int, int, int],
+    backbone_spec: BackboneSpec,
+    texts: Sequence[str],
+    layers: list[int],
+    batch_size: int,
+    progress: bool,
+    prefix: torch.Tensor | None,
+    system: str | None,
+) -> None:
+    """Fill cache entry `key` with batches computed by `executor`, written in row order as they arrive."""
+    with cache.filling(key, shape) as fill:
+        starts = list(range(fill.rows_done, len(texts), batch_size))  # resumes after the rows already written
+        items = [HiddenChunk(b, start, list(texts[start : start + batch_size]),
+                             None if prefix is None else prefix[start : start + batch_size].cpu())
+                 for b, start in enumerate(starts)]  # fmt: skip
+        waiting: dict[int, np.ndarray] = {}  # batches that overtook an earlier one (usually those in flight)
+        written = 0
+        worker = HiddenChunks(backbone_spec, layers, system, fill.dtype)
+        with (
+            closing(executor.map(worker, items)) as results,
+            progress_bar(total=len(texts), initial=fill.rows_done, desc="hidden states", enabled=progress) as bar,
+        ):  # fmt: skip
+            for b, values in results:
+                waiting[b] = values
+                while written in waiting:
+                    values = waiting.pop(written)
+                    fill.write(starts[written], values)
+                    bar.update(len(values))
+                    written += 1
 
 
 def depth_lr(base: float, boost: float = 1.0) -> Callable[[int, int], float]:
