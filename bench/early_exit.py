@@ -52,7 +52,7 @@ def hf_forward_seconds(backbone, texts: list[str], batch_size: int) -> float:
         for start in range(0, len(texts), batch_size):
             batch = backbone.tokenizer(
                 [backbone.format(t) for t in texts[start : start + batch_size]],
-                padding=True, return_tensors="pt", add_special_tokens=False,
+                padding=True, return_tensors="pt", add_special_tokens=backbone.plain_prompts,  # as the backbone
             ).to(backbone.device)  # fmt: skip
             backbone.model.model(**batch)
     return time.perf_counter() - started

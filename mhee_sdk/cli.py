@@ -50,8 +50,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows, ["name", "state", "source", "location"]))
-    return 0 if all(row["state"] == "installed" for row in rows) else 1
+        print(format_table(rows, ["name", "state", "default", "source", "location"]))
+    # an optional asset (default "no") that was never installed is no failure; a damaged one is
+    failed = [r for r in rows if r["state"] == "damaged" or (r["state"] == "missing" and r["default"] == "yes")]
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     asset_cmd = sub.add_parser("assets", help="install or check the real model and data")
     asset_cmd.add_argument("action", choices=["install", "status"])
-    asset_cmd.add_argument("names", nargs="*", help="assets to install (default: all)")
+    asset_cmd.add_argument("names", nargs="*", help="assets to install (default: those marked default in "
+                           "`mhee assets status`; all: every asset)")  # fmt: skip
     asset_cmd.add_argument("--json", action="store_true", help="machine-readable status")
     asset_cmd.set_defaults(func=cmd_assets)
 
