@@ -1,6 +1,6 @@
 """Fine-tuned adapters as objects: LoRA weights and collaborative soft tokens, saved under ``$MHEE_HOME/adapters``.
 
-An :class:`Adapter` is made by ``mhee_sdk.finetune`` and handed to a backbone when it is built
+An [`Adapter`][mhee_sdk.adapters.Adapter] is made by ``mhee_sdk.finetune`` and handed to a backbone when it is built
 (``HFBackbone(..., adapter=load_adapter("demo"))``, or the backbone parameter ``adapter = "demo"``), so a
 backbone's name and fingerprint say from construction on which weights it runs. Nothing sets an
 adapter on a backbone afterwards.

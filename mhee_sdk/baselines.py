@@ -2,8 +2,8 @@
 
 Each has ``fit(train, log)`` and ``score(requests) -> [N]`` (higher = more likely liked). Like the
 retrievers they see only training interactions and the log strictly before each request.
-:func:`platt` turns any score into a calibrated probability (fit on validation requests) so LogLoss
-is comparable too.
+[`platt`][mhee_sdk.baselines.platt] turns any score into a calibrated probability (fit on validation
+requests) so LogLoss is comparable too.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
 
-from mhee_sdk.data.log import InteractionLog
+from mhee_sdk.data.log import InteractionLog, lowest_liked_rating
 from mhee_sdk.hookspecs import hookimpl
 from mhee_sdk.interfaces import Baseline, require
 from mhee_sdk.metrics import quality
@@ -29,23 +26,28 @@ if TYPE_CHECKING:
     from mhee_sdk.evaluation import Experiment, RunResult
     from mhee_sdk.store import Store
 
+# scipy and scikit-learn are imported where used: the registry loads this module on every CLI start
+
 
 class Popularity:
     """Smoothed like-rate of the item: ``(likes + m * prior) / (ratings + m)``.
 
     With ``streaming=True`` (default) it counts every rating strictly before the request (what a live
-    system knows); with False, only training ratings.
+    system knows); with False, only training ratings. A rating is a like at ``>= like_threshold``;
+    None (default) takes the lowest rating labelled 1 in train (4 on MovieLens, 1 for 0/1 clicks).
     """
 
     name = "popularity"
 
-    def __init__(self, smoothing: float = 10.0, streaming: bool = True, like_threshold: float = 4.0) -> None:
+    def __init__(self, smoothing: float = 10.0, streaming: bool = True, like_threshold: float | None = None) -> None:
         if smoothing < 0:
             raise ValueError(f"smoothing={smoothing!r} must be >= 0")
         self.smoothing, self.streaming, self.like_threshold = smoothing, streaming, like_threshold
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> Popularity:
         self.log = log
+        if self.like_threshold is None:
+            self.like_threshold = lowest_liked_rating(train)
         self.prior = float(train["label"].mean())
         grouped = train.groupby("item")["label"].agg(["sum", "count"])
         self.likes, self.counts = grouped["sum"].to_dict(), grouped["count"].to_dict()
@@ -69,12 +71,13 @@ class GCNScore:
     name = "gcn-score"
 
     def __init__(self, **gcn_params: object) -> None:
-        self.gcn_params = gcn_params
-
-    def fit(self, train: pd.DataFrame, log: InteractionLog) -> GCNScore:
+        """`gcn_params` are :class:`~mhee_sdk.retrievers.gcn.GCNRetriever`'s; a wrong one fails here, before any fit."""
         from mhee_sdk.retrievers.gcn import GCNRetriever
 
-        self.model = GCNRetriever(**self.gcn_params).fit(train, log)
+        self.model = GCNRetriever(**gcn_params)
+
+    def fit(self, train: pd.DataFrame, log: InteractionLog) -> GCNScore:
+        self.model.fit(train, log)
         return self
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:
@@ -82,7 +85,11 @@ class GCNScore:
 
 
 class Logistic:
-    """Logistic regression on user and item one-hot biases, user age/gender/occupation and item genres."""
+    """Logistic regression on user and item one-hot biases, plus user age/gender/occupation and item genres.
+
+    The profile features are MovieLens' columns, used when the tables have them; on other data the model
+    keeps the user and item biases (add your own baseline through ``register_baselines`` for more).
+    """
 
     name = "logistic"
 
@@ -90,6 +97,10 @@ class Logistic:
         self.c, self.users, self.items = c, users, items
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> Logistic:
+        from scipy import sparse
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
+
         if self.users is None or self.items is None:
             raise ValueError("the logistic baseline needs users= and items= tables (Experiment passes them)")
         self.encoder = OneHotEncoder(handle_unknown="ignore")
@@ -101,14 +112,20 @@ class Logistic:
 
     def _features(self, users: np.ndarray, items: np.ndarray) -> tuple[pd.DataFrame, list[list[str]]]:
         profile = self.users.set_index("user").reindex(users)
+        categorical = pd.DataFrame({"user": users.astype(str), "item": items.astype(str)})
+        if "age" in profile and pd.api.types.is_numeric_dtype(profile["age"]):
+            categorical["age"] = (profile["age"] // 10).astype(str).to_numpy()
+        for column in ("gender", "occupation"):
+            if column in profile:
+                categorical[column] = profile[column].astype(str).to_numpy()
+        if "genres" not in self.items:
+            return categorical, [[] for _ in items]
         genres = self.items.set_index("item")["genres"].reindex(items).fillna("")
-        categorical = pd.DataFrame({
-            "user": users.astype(str), "item": items.astype(str), "age": (profile["age"] // 10).astype(str),
-            "gender": profile["gender"].astype(str), "occupation": profile["occupation"].astype(str),
-        })  # fmt: skip
         return categorical, [g.split(", ") if g else [] for g in genres]
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:
+        from scipy import sparse
+
         users = np.array([r.user for r in requests])
         items = np.array([r.item for r in requests])
         categorical, genres = self._features(users, items)
@@ -129,6 +146,7 @@ class CollaborativeLogistic:
         self.train_requests, self.k, self.seed, self.retriever = train_requests, k, seed, retriever
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> CollaborativeLogistic:
+        from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -155,6 +173,8 @@ class CollaborativeLogistic:
 
 def platt(valid_scores: np.ndarray, valid_labels: np.ndarray):
     """A 1-D logistic calibration fitted on validation scores; returns ``scores -> probabilities``."""
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression().fit(np.asarray(valid_scores).reshape(-1, 1), np.asarray(valid_labels))
     return lambda scores: model.predict_proba(np.asarray(scores).reshape(-1, 1))[:, 1]
 
@@ -182,10 +202,13 @@ def score_baseline(
     probs = calibrate(baseline.score(requests))
     seconds = time.perf_counter() - started
     metrics = quality([r.label for r in requests], probs, [r.user for r in requests])
+    metrics.update(experiment.slice_metrics(requests, probs))
     predictions = [Prediction(r.request_id, float(p), 0, (), 0.0) for r, p in zip(requests, probs, strict=True)]
     run_id = None
     if store is not None:
-        config = {"baseline": name, "baseline_params": params, "dataset": c.dataset, "split": c.split, "seed": c.seed}
+        config = {"baseline": name, "baseline_params": params, "dataset": c.dataset,
+                  "dataset_params": c.describe("dataset_params"), "split": c.split, "seed": c.seed,
+                  "cold_threshold": c.cold_threshold}  # fmt: skip
         with store.recording(config, [], 0, name=name, kind="baseline",
                              requests_key=experiment.requests_key(requests)) as run_id:  # fmt: skip
             store.append_batch(run_id, {"predictions": pd.DataFrame({

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mhee_sdk.exits.heads import ExitHeads, check_head_output
 from mhee_sdk.exits.policies import decide_rows
 from mhee_sdk.interfaces import Backbone, ExitPolicy
 from mhee_sdk.loop import LayerLoop
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.types import Prediction
 
 
@@ -80,7 +80,7 @@ class EarlyExitEngine:
         if sort_by_length:
             order.sort(key=lambda i: len(texts[i]))
         results: dict[int, Prediction] = {}
-        with tqdm(total=len(texts), desc=f"early exit ({self.policy.name})", disable=not progress, leave=False) as bar:
+        with progress_bar(total=len(texts), desc=f"early exit ({self.policy.name})", enabled=progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 started = time.perf_counter()

@@ -10,10 +10,12 @@ machine; :func:`evaluate` is the one-call form.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -24,20 +26,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from mhee_sdk.config import RunConfig
-from mhee_sdk.data.prompt import PromptBuilder
+from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
+from mhee_sdk.data.split import RequestSlices
 from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output, load_heads, save_heads
 from mhee_sdk.exits.policies import FULL_DEPTH
-from mhee_sdk.interfaces import AdaptedBackbone, Backbone, CalibratedPolicy, Dataset, ExitPolicy, Retriever, require
-from mhee_sdk.metrics import run_metrics
+from mhee_sdk.interfaces import (
+    AdaptedBackbone,
+    Backbone,
+    CalibratedPolicy,
+    Dataset,
+    ExitPolicy,
+    Retriever,
+    TemplatedDataset,
+    require,
+)
+from mhee_sdk.metrics import run_metrics, sliced_quality
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.registry import Registry, get_registry
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
 from mhee_sdk.types import Prediction, Request, Retrieved
+from mhee_sdk.validation import check_config
 
 PolicySpec = str | tuple[str, dict[str, Any]] | ExitPolicy
 
@@ -93,6 +106,7 @@ class Experiment:
     ) -> None:
         self.config = RunConfig.coerce(config).replace(**overrides) if overrides else RunConfig.coerce(config)
         self.registry = registry or get_registry()
+        check_config(self.config, self.registry)  # every problem at once, before any data or model loads
         self.progress = progress
         self.cache_dir = cache_dir
         self.train_report: TrainReport | None = None
@@ -126,6 +140,17 @@ class Experiment:
         return self.dataset.load()
 
     @cached_property
+    def slices(self) -> RequestSlices:
+        """Which requests count as cold / light / heavy: decided by the training split, once."""
+        return RequestSlices.from_train(self.tables.split("train"), self.config.cold_threshold)
+
+    @cached_property
+    def template(self) -> PromptTemplate:
+        """The dataset's prompt template (or the generic one) with the config's `prompt` overrides."""
+        base = self.dataset.prompt_template if isinstance(self.dataset, TemplatedDataset) else PromptTemplate()
+        return base.with_overrides(self.config.prompt)
+
+    @cached_property
     def retriever(self) -> Retriever:
         """The retriever, fitted on the train split."""
         retriever = self.registry.create("retriever", self.config.retriever, **self.config.retriever_params)
@@ -150,13 +175,17 @@ class Experiment:
     def builder(self) -> PromptBuilder:
         """Writes each request's prompt within the token budget."""
         return PromptBuilder(self.tables.users, self.tables.items, max_tokens=self.config.prompt_tokens,
-                             count_tokens=self.backbone.count_tokens)  # fmt: skip
+                             count_tokens=self.backbone.count_tokens, template=self.template)  # fmt: skip
 
     @cached_property
     def heads(self) -> ExitHeads:
         """The exit heads (untrained until :meth:`fit_heads` or :meth:`load_heads`)."""
         c = self.config
-        heads = build_heads(c.head, self.backbone, c.exit_layers, self.registry, seed=c.seed, **c.head_params)
+        params = dict(c.head_params)
+        entry, _ = self.registry.get("exit_head", c.head)
+        if "words" in inspect.signature(entry.factory).parameters:  # heads that read the LM's answer words
+            params.setdefault("words", (self.template.yes, self.template.no))
+        heads = build_heads(c.head, self.backbone, c.exit_layers, self.registry, seed=c.seed, **params)
         self._heads_ready = not heads.trainable
         return heads
 
@@ -213,7 +242,34 @@ class Experiment:
                  [r.request_id for r in requests]]  # fmt: skip
         if self.system is not None:  # older keys (before the system message left the backbone) stay valid
             parts.append(self.system)
+        if c.prompt:  # likewise keys from before prompt overrides existed
+            parts.append(c.prompt)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def check_requests(self, requests: Sequence[Request], labelled: bool) -> list[Request]:
+        """Requests as a list, checked: unique ids, labels 0/1 when `labelled`, users and items the dataset knows.
+
+        Unknown users or items are an error for labelled evaluation (a typo would otherwise run silently
+        with no history); for `predict` they are allowed (new traffic), and reported once.
+        """
+        requests = list(requests)
+        ids = [r.request_id for r in requests]
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise ValueError(f"request ids must be unique; repeated: {repeated[:5]}")
+        if labelled and (bad := [r.request_id for r in requests if r.label not in (0, 1)]):
+            raise ValueError(f"requests {bad[:5]} have labels outside {{0, 1}}; use predict() for unlabeled requests")
+        users, items = set(self.tables.users["user"]), set(self.tables.items["item"])
+        unknown = [r for r in requests if r.user not in users or r.item not in items]
+        if unknown and labelled:
+            raise ValueError(
+                f"{len(unknown)} requests name users or items the dataset {self.config.dataset!r} does not have "
+                f"(first: request {unknown[0].request_id}, user {unknown[0].user}, item {unknown[0].item})"
+            )
+        if unknown:
+            self._say(f"{len(unknown)} of {len(requests)} requests have a user or item the dataset has not seen: "
+                      "they get no history and an unknown profile")  # fmt: skip
+        return requests
 
     # -------------------------------------------------------------- heads
     def features(self, split: str, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -276,16 +332,21 @@ class Experiment:
 
     def make_policy(self, name: str | ExitPolicy, params: dict[str, Any] | None = None, **kwargs: Any) -> ExitPolicy:
         """A policy by name and parameters (or an object, used as is); one that calibrates is calibrated on valid."""
-        if isinstance(name, str):
-            policy = self.registry.create("exit_policy", name, **{**(params or {}), **kwargs})
-        elif params or kwargs:
-            raise ValueError(f"parameters {sorted({**(params or {}), **kwargs})} go with a policy name, not an object")
-        else:
-            policy = name
-        require(policy, ExitPolicy, f"exit policy {name!r}:")
+        policy = self._build_policy(name, {**(params or {}), **kwargs})
         if isinstance(policy, CalibratedPolicy) and not policy.is_calibrated:
             probs, labels = self.valid_outputs()
             policy.calibrate(probs, labels, self.heads.layers)
+        return policy
+
+    def _build_policy(self, name: str | ExitPolicy, params: dict[str, Any]) -> ExitPolicy:
+        """The policy object, not calibrated yet: cheap, so bad names and parameters fail before any work."""
+        if isinstance(name, str):
+            policy = self.registry.create("exit_policy", name, **params)
+        elif params:
+            raise ValueError(f"parameters {sorted(params)} go with a policy name, not an object")
+        else:
+            policy = name
+        require(policy, ExitPolicy, f"exit policy {name!r}:")
         return policy
 
     def use_adapter(self, name: str) -> None:
@@ -336,10 +397,12 @@ class Experiment:
         policies, each gets ``speedup`` = full-depth time / its time, and the spread of the per-batch
         ratios (``speedup_p25``, ``speedup_p75``): measured side by side, not a lone wall-clock pair.
         """
+        for spec in policies:  # names and parameters checked before the heads are trained (minutes on a real model)
+            self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))
         self._ensure_heads()
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
                                                                      strict=True)]  # fmt: skip
-        requests = list(requests) if requests is not None else self.requests()
+        requests = self.check_requests(requests if requests is not None else self.requests(), labelled=True)
         texts, retrieved = self.prompts(requests)
         key = self.requests_key(requests)
         features, prefix = self.extra_features(requests, retrieved), self.prefix(requests)
@@ -355,8 +418,8 @@ class Experiment:
                     run_ids[j] = stack.enter_context(store.recording(
                         self._record(config), self.heads.layers, self.backbone.num_layers, name=label,
                         requests_key=key))  # fmt: skip
-            bar = stack.enter_context(tqdm(total=len(requests) * len(prepared), disable=not self.progress,
-                                           desc=f"evaluating {len(prepared)} policies", leave=False))  # fmt: skip
+            bar = stack.enter_context(progress_bar(total=len(requests) * len(prepared), enabled=self.progress,
+                                                   desc=f"evaluating {len(prepared)} policies"))  # fmt: skip
             for b, chunk in enumerate(chunks):
                 for j in np.roll(np.arange(len(prepared)), -b):  # rotate who goes first: no policy always runs cold
                     started = time.perf_counter()
@@ -374,6 +437,7 @@ class Experiment:
                 ordered = [predictions[j][i] for i in range(len(requests))]
                 metrics = run_metrics(requests, ordered, self.backbone.num_layers, times[:, j],
                                       None if full is None else times[:, full])  # fmt: skip
+                metrics.update(self.slice_metrics(requests, [p.prob for p in ordered]))
                 if store is not None:
                     store.add_metrics(run_ids[j], metrics)
                     store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
@@ -407,6 +471,7 @@ class Experiment:
             ids = requests["request_id"] if "request_id" in requests else range(len(requests))
             requests = [Request(int(i), int(u), int(it), -1, int(t))
                         for i, u, it, t in zip(ids, requests["user"], requests["item"], requests["ts"], strict=True)]
+        requests = self.check_requests(requests, labelled=False)
         self._ensure_heads()
         spec = policy or (self.config.policy, self.config.policy_params)
         _, _, policy_obj = self._prepare(spec, "")
@@ -443,6 +508,12 @@ class Experiment:
                 "retrieved": [json.dumps([asdict(x) for x in retrieved[i]]) for i in chunk]}),
         })  # fmt: skip
 
+    def slice_metrics(self, requests: Sequence[Request], probs: Sequence[float]) -> dict[str, float]:
+        """Quality on the cold-start and activity slices (``auc@cold_items`` ...) plus the slices' cut points."""
+        masks = self.slices.masks(requests)
+        found = sliced_quality([r.label for r in requests], probs, [r.user for r in requests], masks)
+        return {**found, **self.slices.cut_points()}
+
     def run_baseline(
         self,
         name: str,
@@ -461,4 +532,5 @@ class Experiment:
 def evaluate(config: RunConfig | dict[str, Any] | str | os.PathLike, store: Store | None = None,
              progress: bool = True) -> RunResult:  # fmt: skip
     """Prepare `config`, train its heads, and evaluate its policy (one call; see Experiment for many policies)."""
-    return Experiment(config, progress=progress).run(store=store)
+    experiment = Experiment(config, progress=progress)
+    return experiment.run(store=store, name=experiment.config.name)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mhee_sdk.adapters import SoftTokens, save_adapter
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import AdaptedBackbone, Backbone, TrainableBackbone
 from mhee_sdk.loop import LayerLoop
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.train import depth_lr
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 class FinetuneConfig:
     """Fine-tuning settings; the defaults finish in under an hour on 2 CPU cores (see bench/RESULTS.md).
 
-    ``max_minutes`` bounds :func:`finetune`'s training loop; :meth:`Experiment.finetune` reads it as the
-    budget of the whole job (frozen head fit, training, re-fit) and gives the loop what is left.
+    ``max_minutes`` bounds [`finetune`][mhee_sdk.finetune.finetune]'s training loop;
+    [`Experiment.finetune`][mhee_sdk.evaluation.Experiment.finetune] reads it as the budget of the whole job
+    (frozen head fit, training, re-fit) and gives the loop what is left.
     """
 
     lora: bool = True
@@ -156,7 +157,7 @@ def finetune(
     total = config.epochs * ((len(texts) + config.batch_size - 1) // config.batch_size)
     backbone.model.train()
     heads.train()
-    with tqdm(total=total, desc="fine-tuning", disable=not config.progress, leave=False) as bar:
+    with progress_bar(total=total, desc="fine-tuning", enabled=config.progress) as bar:
         for _ in range(config.epochs):
             order = rng.permutation(len(texts))
             for start in range(0, len(order), config.batch_size):

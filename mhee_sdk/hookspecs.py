@@ -6,7 +6,7 @@ thing you provide. ``factory(**params)`` must build a fresh instance from keywor
 (the values a run config gives), so a run can be described as plain data. What each built object
 must provide is stated once, in ``mhee_sdk.interfaces``; the docstrings below point there.
 
-Ship a plugin as an ordinary package with an entry point in the ``mhee_sdk`` group::
+Ship a plugin as an ordinary package with an entry point in the ``mhee_sdk`` group:
 
     [project.entry-points.mhee_sdk]
     my_plugin = "my_package.plugin"
@@ -33,8 +33,10 @@ Register = Callable[..., None]
 def register_datasets(register: Register) -> None:
     """Register datasets: ``register("movielens-100k", MovieLens100K)``.
 
-    The factory builds a [`Dataset`][mhee_sdk.interfaces.Dataset]. Valid and test requests must be later
-    in time than every train interaction.
+    The factory builds a [`Dataset`][mhee_sdk.interfaces.Dataset] (optionally a
+    [`TemplatedDataset`][mhee_sdk.interfaces.TemplatedDataset] with its prompt wording). Valid and test
+    requests must be later in time than every train interaction. Most logs need no plugin: the built-in
+    ``interactions`` dataset reads a file or query through a column mapping.
     """
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch, numpy and pandas stay unimported until a command nee
 
     from mhee_sdk.adapters import Adapter
     from mhee_sdk.data.log import InteractionLog
+    from mhee_sdk.data.prompt import PromptTemplate
 
 SPLITS = ("train", "valid", "test")
 
@@ -35,6 +36,7 @@ class DatasetTables:
 
     interactions: ``user, item, rating, ts, label, split`` sorted by time; the row number is the
     request id. users: ``user`` plus profile columns. items: ``item`` plus descriptive columns.
+    ``InteractionsDataset`` adds the original ids (``user_id``, ``item_id``) and times (``time``).
     """
 
     interactions: pd.DataFrame
@@ -63,6 +65,19 @@ class Dataset(Protocol):
     @property
     def log(self) -> InteractionLog:
         """Every interaction, for "strictly before ts" look-ups by user or item."""
+        ...
+
+
+@runtime_checkable
+class TemplatedDataset(Protocol):
+    """Capability: the dataset's own prompt wording; others get the generic ``PromptTemplate()``.
+
+    A run config's ``prompt`` table overrides single fields of it.
+    """
+
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        """Domain noun, item and user descriptions, system prompt, question, answer words, evidence wording."""
         ...
 
 

@@ -1,7 +1,7 @@
 """The one layer loop: a batch goes up the backbone and pauses at each exit layer.
 
 The engine (with compaction), head training (hidden-state collection) and fine-tuning (with gradients)
-all run their batches through :class:`LayerLoop`; none of them calls ``Backbone.step`` itself::
+all run their batches through [`LayerLoop`][mhee_sdk.loop.LayerLoop]; none of them calls ``Backbone.step`` itself:
 
     loop = LayerLoop(backbone, texts, exit_layers=[3, 6, 9])
     for layer, pooled in loop:      # pooled: [rows still running, H]

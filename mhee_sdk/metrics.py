@@ -1,18 +1,21 @@
-"""Quality and exit metrics: AUC (plain, weighted, by ranks), GAUC, LogLoss, accuracy, exit-layer statistics.
+"""Quality and exit metrics: AUC (plain, weighted, by ranks), GAUC, LogLoss, accuracy, exit-layer statistics,
+and the same quality on slices of the requests (``auc@cold_items``, ...; slices in ``mhee_sdk.data.split``).
 
-Every AUC in the SDK comes from here: :func:`auc` (scikit-learn) for reports, :class:`WeightedAUC` for
-bootstrap resamples (calibration), :func:`auc_of_ranks` for sweeps that score thousands of settings.
+Every AUC in the SDK comes from here: [`auc`][mhee_sdk.metrics.auc] (scikit-learn) for reports,
+[`WeightedAUC`][mhee_sdk.metrics.WeightedAUC] for bootstrap resamples (calibration),
+[`auc_of_ranks`][mhee_sdk.metrics.auc_of_ranks] for sweeps that score thousands of settings.
 All count ties as half, so they agree to rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+# scikit-learn is imported where used: the registry loads this module (via the policies) on every CLI start
 
 if TYPE_CHECKING:
     from mhee_sdk.types import Prediction, Request
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
 
 def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
     """ROC AUC (scikit-learn); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return float("nan")
@@ -97,6 +102,8 @@ def gauc(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) ->
 
 def quality(labels: Sequence[int], probs: Sequence[float], users: Sequence[int]) -> dict[str, float]:
     """AUC, GAUC, LogLoss and accuracy (threshold 0.5) of probabilities."""
+    from sklearn.metrics import accuracy_score, log_loss
+
     labels, probs = np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
     both = len(np.unique(labels)) == 2
     return {
@@ -106,6 +113,35 @@ def quality(labels: Sequence[int], probs: Sequence[float], users: Sequence[int])
         "accuracy": float(accuracy_score(labels, probs >= 0.5)),
         "requests": float(len(labels)),
     }
+
+
+SLICE_METRICS = ("auc", "gauc", "logloss", "requests")
+
+
+def slice_metric(metric: str, slice_name: str) -> str:
+    """The stored name of a metric on a slice: ``auc@cold_items``."""
+    return f"{metric}@{slice_name}"
+
+
+def sliced_quality(
+    labels: Sequence[int], probs: Sequence[float], users: Sequence[int], slices: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """AUC, GAUC, LogLoss and the number of requests on each slice (a bool mask over the requests).
+
+    Names are ``{metric}@{slice}`` (see :data:`SLICE_METRICS`); a slice without requests gets NaN metrics
+    and ``requests@... = 0``.
+    """
+    labels, probs, users = np.asarray(labels), np.asarray(probs, dtype=np.float64), np.asarray(users)
+    out: dict[str, float] = {}
+    for name, mask in slices.items():
+        mask = np.asarray(mask, dtype=bool)
+        if len(mask) != len(labels):
+            raise ValueError(f"slice {name!r} has {len(mask)} rows for {len(labels)} requests")
+        found = quality(labels[mask], probs[mask], users[mask]) if mask.any() else {}
+        for metric in SLICE_METRICS:
+            out[slice_metric(metric, name)] = found.get(metric, float("nan"))
+        out[slice_metric("requests", name)] = float(mask.sum())
+    return out
 
 
 def summarize(

@@ -8,7 +8,6 @@ one that fails to import, or whose hook raises, is skipped with a warning naming
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import re
@@ -23,6 +22,7 @@ import pluggy
 
 from mhee_sdk import hookspecs
 from mhee_sdk.types import PluginFailure, PluginInfo
+from mhee_sdk.validation import check_params, did_you_mean
 
 ENTRY_POINT_GROUP = "mhee_sdk"
 
@@ -37,6 +37,7 @@ HOOKS: dict[str, str] = {
 }
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mhee_sdk.data.interactions",
     "mhee_sdk.data.movielens",
     "mhee_sdk.retrievers.simple",
     "mhee_sdk.retrievers.gcn",
@@ -60,6 +61,10 @@ class DuplicateNameError(PluginError):
 
 class UnknownNameError(PluginError, ValueError):
     """No plugin registered the requested name."""
+
+
+class ParameterError(PluginError, TypeError):
+    """A factory was given a parameter it does not take, or not one it needs."""
 
 
 class PluginWarning(UserWarning):
@@ -243,7 +248,10 @@ class Registry:
 
     def _fail(self, name: str, message: str, err: Exception) -> None:
         if self.strict:
-            raise PluginError(f"plugin {name!r} failed: {message}") from err
+            raise PluginError(
+                f"plugin {name!r} failed: {message}; fix or uninstall it, or switch it off with "
+                f"MHEE_DISABLE_PLUGINS={name} (unset MHEE_STRICT_PLUGINS to skip broken plugins with a warning)"
+            ) from err
         self.failures.append(PluginFailure(name=name, error=message))
         warnings.warn(
             f"mhee_sdk: skipped plugin {name!r}: {message} (set MHEE_STRICT_PLUGINS=1 to raise)",
@@ -267,8 +275,7 @@ class Registry:
             if isinstance(name, str) and name.startswith(family.name) and len(name) > len(family.name):
                 return family, {"spec": name[len(family.name) :]}
         choices = self.names(kind)
-        hint = difflib.get_close_matches(str(name), choices, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        suggestion = did_you_mean(name, choices)
         raise UnknownNameError(
             f"{_label(kind)} {name!r} is unknown; choose from: {', '.join(choices) or '(none registered)'}{suggestion}"
         )
@@ -279,6 +286,10 @@ class Registry:
         Example: ``create("exit_policy", "max-prob", threshold=0.9)``.
         """
         entry, implied = self.get(kind, name)
+        # names only: a misspelled parameter gets a did-you-mean instead of a bare TypeError; the factory checks values
+        problems = check_params(entry.factory, params, f"{_label(kind)} {name!r}", supplied=implied, types=False)
+        if problems:
+            raise ParameterError("; ".join(problems))
         return entry.factory(**implied, **params)
 
     def records(self) -> list[dict[str, str]]:

@@ -1,13 +1,13 @@
 """Conformance checks for plugin authors: do my retriever, backbone, exit head, policy and baseline keep the contract?
 
-Call them from your plugin's tests; each raises ``ContractError`` with a message that says what to fix::
+Call them from your plugin's tests; each raises ``ContractError`` with a message that says what to fix:
 
     from mhee_sdk.testing import check_exit_policy
     def test_my_policy_conforms():
         check_exit_policy(MyPolicy())
 
-:func:`synthetic_full_depth_run` logs a model-free full-depth run, to test a policy with
-``store.replay`` or time ``store.sweep`` without any backbone.
+[`synthetic_full_depth_run`][mhee_sdk.testing.synthetic_full_depth_run] logs a model-free full-depth run, to
+test a policy with ``store.replay`` or time ``store.sweep`` without any backbone.
 """
 
 from __future__ import annotations

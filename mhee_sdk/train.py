@@ -1,13 +1,14 @@
 """Fit exit heads on a frozen backbone.
 
-Step 1, :func:`collect_hidden`: run the backbone once over the prompts and keep the pooled hidden state
-of every exit layer, ``[N, L, H]`` float16 on disk, keyed by a hash of (backbone, layers, prompts). A
-second run with the same inputs skips the backbone; an interrupted run resumes from the last batch.
+Step 1, [`collect_hidden`][mhee_sdk.train.collect_hidden]: run the backbone once over the prompts and keep
+the pooled hidden state of every exit layer, ``[N, L, H]`` float16 on disk, keyed by a hash of (backbone,
+layers, prompts). A second run with the same inputs skips the backbone; an interrupted run resumes from
+the last batch.
 
-Step 2, :func:`fit_heads`: train all heads together on those features. The loss is a weighted sum of
-per-layer binary cross-entropies; each head gets its own learning rate, higher for shallower heads
-(the paper's depth-aware rates); each head keeps the parameters of its best validation epoch, and
-training stops when no head has improved for `patience` epochs.
+Step 2, [`fit_heads`][mhee_sdk.train.fit_heads]: train all heads together on those features. The loss is a
+weighted sum of per-layer binary cross-entropies; each head gets its own learning rate, higher for
+shallower heads (the paper's depth-aware rates); each head keeps the parameters of its best validation
+epoch, and training stops when no head has improved for `patience` epochs.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm.auto import tqdm
 
 from mhee_sdk import assets
 from mhee_sdk.cache import HiddenStateCache
 from mhee_sdk.exits.heads import ExitHeads
 from mhee_sdk.interfaces import Backbone, FitsInputs
 from mhee_sdk.loop import LayerLoop, check_exit_layers
+from mhee_sdk.progress import progress_bar
 
 
 def cache_key(
@@ -82,7 +83,7 @@ def collect_hidden(
     with (
         cache.filling(key, (len(texts), len(layers), backbone.hidden_size)) as fill,
         torch.inference_mode(),
-        tqdm(total=len(texts), initial=fill.rows_done, desc="hidden states", disable=not progress, leave=False) as bar,
+        progress_bar(total=len(texts), initial=fill.rows_done, desc="hidden states", enabled=progress) as bar,
     ):
         for start in range(fill.rows_done, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
@@ -183,7 +184,7 @@ def fit_heads(
     torch.manual_seed(config.seed)  # dropout in mlp heads draws from the global stream
     best = {layer: (float("inf"), -1, None) for _, layer in trainable}
     stale = 0
-    for epoch in tqdm(range(config.epochs), desc="training heads", disable=not config.progress, leave=False):
+    for epoch in progress_bar(range(config.epochs), desc="training heads", enabled=config.progress):
         heads.train()
         order = torch.randperm(len(x_train), generator=generator).to(device)
         for start in range(0, len(order), config.batch_size):

@@ -10,7 +10,9 @@ class Request:
     """One CTR question: will `user` like `item`, asked at time `ts`?
 
     `request_id` is the row of the interaction in the time-ordered log, so it is stable across runs.
-    `label` is 1 when the user rated the item >= 4 (the MovieLens convention), else 0.
+    `label` is 1 when the user liked the item (a click, or a rating at or above the dataset's like threshold:
+    4 on MovieLens), else 0. `user`, `item` and `ts` are the dataset's integer codes (``InteractionsDataset``
+    keeps the original ids and times in its tables).
     """
 
     request_id: int

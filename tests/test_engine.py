@@ -30,7 +30,8 @@ def prompts(movielens):
 
     requests = movielens.requests("test", limit=40, seed=5)
     retriever = RecentRetriever().fit(tables.split("train"), movielens.log)
-    builder = PromptBuilder(tables.users, tables.items, max_tokens=260)  # byte tokens: keep the tiny run fast
+    # byte tokens: keep the tiny run fast
+    builder = PromptBuilder(tables.users, tables.items, max_tokens=260, template=movielens.prompt_template)
     return builder.build_many(requests, retriever.retrieve(requests, 5)), [r.request_id for r in requests]
 
 

@@ -7,6 +7,7 @@ from mhee_sdk.config import RunConfig
 from mhee_sdk.evaluation import Experiment
 from mhee_sdk.registry import Registry, UnknownNameError
 from mhee_sdk.store import Store
+from mhee_sdk.validation import ConfigError
 
 TINY = dict(
     backbone="tiny", retriever="recent", k=3, prompt_tokens=300, head="linear", exit_layers=[1, 2, 3, 4, 5, 6],
@@ -70,15 +71,17 @@ def test_replay_equals_live(store_and_full, experiment, name, params):
 
 def test_unknown_names_in_a_config_list_the_choices():
     config = RunConfig(**{**TINY, "policy": "maxprob"})
-    exp = Experiment(config, registry=Registry(load_entry_points=False), progress=False)
-    with pytest.raises(UnknownNameError, match=r"exit policy .maxprob. is unknown; choose from: .*max-prob"):
-        exp.run()
-    with pytest.raises(UnknownNameError, match="retriever 'bm25' is unknown; choose from:"):
+    with pytest.raises(ConfigError, match=r"exit policy .maxprob. is unknown; choose from: .*max-prob"):
+        Experiment(config, registry=Registry(load_entry_points=False), progress=False)  # before any work
+    with pytest.raises(ConfigError, match="retriever 'bm25' is unknown; choose from:"):
         Experiment(RunConfig(retriever="bm25", backbone="tiny"), registry=Registry(load_entry_points=False))
+    exp = Experiment(RunConfig(**TINY), registry=Registry(load_entry_points=False), progress=False)
+    with pytest.raises(UnknownNameError, match=r"exit policy .maxprob. is unknown; choose from: .*max-prob"):
+        exp.run("maxprob")
 
 
 def test_config_validation_and_toml(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config keys \['polcy'\]; known keys: .*policy"):
+    with pytest.raises(ValueError, match=r"unknown config key 'polcy' \(did you mean 'policy'\?\)"):
         RunConfig.from_dict({"polcy": "never"})
     with pytest.raises(ValueError, match="split 'dev' is unknown"):
         RunConfig(split="dev")

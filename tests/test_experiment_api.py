@@ -92,3 +92,18 @@ def test_a_live_object_in_a_config_is_described_not_pickled(experiment, tmp_path
     described = config.to_dict()["retriever_params"]
     assert described["label"] == "my index" and described["index"]["__object__"].endswith("MyIndex")
     assert not config.reproducible and RunConfig(**TINY).reproducible
+
+
+def test_requests_are_checked_before_the_engine_runs(experiment):
+    from mhee_sdk.types import Request
+
+    requests = experiment.requests()[:3]
+    with pytest.raises(ValueError, match=r"request ids must be unique; repeated: \[" + str(requests[0].request_id)):
+        experiment.run("never", requests=[requests[0], *requests])
+    stranger = Request(10**9, 10**6, requests[0].item, 1, requests[0].ts)
+    with pytest.raises(ValueError, match=r"1 requests name users or items the dataset 'movielens-100k' does not have"):
+        experiment.run("never", requests=[*requests, stranger])
+    unlabeled = Request(10**9, requests[0].user, requests[0].item, -1, requests[0].ts)
+    with pytest.raises(ValueError, match="labels outside"):
+        experiment.run("never", requests=[unlabeled])
+    assert len(experiment.predict([stranger])) == 1  # new traffic: allowed, reported

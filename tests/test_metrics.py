@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mhee_sdk.metrics import auc, exit_histogram, gauc, summarize
+from mhee_sdk.metrics import auc, exit_histogram, gauc, sliced_quality, summarize
 
 
 def test_auc_by_hand():
@@ -44,3 +44,17 @@ def test_gauc_equals_a_loop_of_scikit_learn_aucs_with_ties():
             expected_weight += mine.sum()
     assert gauc(labels, probs, users) == pytest.approx(expected_total / expected_weight, abs=1e-12)
     assert math.isnan(gauc([1, 1, 0], [0.1, 0.2, 0.3], [1, 1, 2]))
+
+
+def test_sliced_quality_by_hand():
+    labels, probs, users = [1, 0, 1, 0, 1], [0.9, 0.5, 0.4, 0.1, 0.7], [1, 1, 2, 2, 3]
+    slices = {"first": np.array([1, 1, 1, 1, 0], bool), "last": np.array([0, 0, 0, 0, 1], bool),
+              "none": np.zeros(5, bool)}  # fmt: skip
+    m = sliced_quality(labels, probs, users, slices)
+    assert m["auc@first"] == pytest.approx(0.75) and m["requests@first"] == 4
+    assert m["gauc@first"] == pytest.approx(1.0)  # each user ranks its own pair right
+    assert m["logloss@first"] == pytest.approx(-np.mean(np.log([0.9, 0.5, 0.4, 0.9])))
+    assert math.isnan(m["auc@last"]) and m["requests@last"] == 1  # one class: no AUC
+    assert math.isnan(m["logloss@none"]) and m["requests@none"] == 0
+    with pytest.raises(ValueError, match="slice 'bad' has 2 rows for 5 requests"):
+        sliced_quality(labels, probs, users, {"bad": np.ones(2, bool)})

@@ -8,7 +8,10 @@ from mhee_sdk.types import Request, Retrieved
 
 def _builder(movielens, tiny, max_tokens):
     tables = movielens.load()
-    return PromptBuilder(tables.users, tables.items, max_tokens=max_tokens, count_tokens=tiny.count_tokens)
+    return PromptBuilder(
+        tables.users, tables.items, max_tokens=max_tokens, count_tokens=tiny.count_tokens,
+        template=movielens.prompt_template,
+    )  # fmt: skip
 
 
 def test_prompt_shows_profile_evidence_and_candidate(movielens, tiny):

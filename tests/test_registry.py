@@ -17,7 +17,7 @@ from mhee_sdk.registry import (
 )
 
 BUILTINS = {
-    "dataset": {"movielens-100k"},
+    "dataset": {"interactions", "movielens-100k"},
     "retriever": {"none", "recent", "random"},
     "backbone": {"smollm2-135m", "tiny", "hf:<spec>"},
     "exit_head": {"linear", "mlp", "verbalizer"},

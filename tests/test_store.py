@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mhee_sdk.exits.policies import MaxProb
+from mhee_sdk.exits.policies import Calibrated, MaxProb, MultiHead
 from mhee_sdk.metrics import rank_auc
 from mhee_sdk.store import Store, StoreError, Terminated
 from mhee_sdk.testing import synthetic_full_depth_run
@@ -174,3 +174,94 @@ def test_an_interrupt_during_finish_finishes_the_run_first(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt), store.recording({}, [3], 3) as run_id:
         pass
     assert store.run(run_id)["status"] == "finished"
+
+
+# ---------------------------------------------------------------------------------------- replay by name
+@pytest.fixture(scope="module")
+def builtins_registry():
+    from mhee_sdk.registry import Registry
+
+    return Registry(load_entry_points=False, disable=[])
+
+
+def test_replay_by_name_equals_replay_of_the_object(tmp_path, builtins_registry):
+    store = Store.open(tmp_path / "runs.duckdb", registry=builtins_registry)
+    run_id = fake_full_depth_run(store, 400, [3, 6, 9, 12])
+    by_name = store.replay(run_id, "multi-head", ratio=2.0, window=1)
+    by_object = store.replay(run_id, MultiHead(ratio=2.0, window=1))
+    pd.testing.assert_frame_equal(by_name.predictions, by_object.predictions)
+    assert by_name.metrics == by_object.metrics
+    assert by_name.metrics != store.replay(run_id, "multi-head", ratio=2.0, window=3).metrics  # parameters count
+    assert by_name.predictions["exit_layer"].nunique() > 1  # the policy exits early somewhere: a real comparison
+
+
+def test_sweep_by_name_varies_the_parameter_given_as_a_list(tmp_path, builtins_registry):
+    store = Store.open(tmp_path / "runs.duckdb", registry=builtins_registry)
+    run_id = fake_full_depth_run(store, 400, [3, 6, 9, 12])
+    table = store.sweep(run_id, "multi-head", ratio=[1.5, 3.0, 8.0], window=1)
+    assert table.columns.tolist() == ["policy", "ratio", "auc", "mean_exit_layer", "layer_savings"]
+    assert table["ratio"].tolist() == [1.5, 3.0, 8.0]
+    assert table["policy"].tolist() == [MultiHead(ratio=r, window=1) for r in (1.5, 3.0, 8.0)]  # window stays fixed
+    objects = store.sweep(run_id, [MultiHead(ratio=r, window=1) for r in (1.5, 3.0, 8.0)])
+    pd.testing.assert_frame_equal(table.drop(columns="ratio"), objects)
+    assert table["mean_exit_layer"].is_monotonic_increasing and table["mean_exit_layer"].nunique() == 3
+    numpy_grid = store.sweep(run_id, "max-prob", threshold=np.array([0.6, 0.9]))
+    assert numpy_grid["threshold"].tolist() == [0.6, 0.9] and type(numpy_grid["policy"][0].threshold) is float
+    assert store.sweep(run_id, ["max-prob", MaxProb(0.6)])["policy"].tolist() == [MaxProb(), MaxProb(0.6)]
+    single = store.sweep(run_id, "max-prob", threshold=0.7)
+    assert single.columns.tolist() == ["policy", "auc", "mean_exit_layer", "layer_savings"] and len(single) == 1
+
+
+def test_policy_names_come_from_the_process_registry_on_first_use(tmp_path, monkeypatch, builtins_registry):
+    from mhee_sdk import registry as registry_module
+
+    store = Store.open(tmp_path / "runs.duckdb")
+    run_id = fake_full_depth_run(store, 50, [3, 6])
+    monkeypatch.setattr(registry_module, "_default", None)  # no registry yet: the store must not build one early
+    store.replay(run_id, MaxProb(0.7))
+    store.sweep(run_id, [MaxProb(0.7)])
+    assert store.registry is None and registry_module._default is None
+    monkeypatch.setattr(registry_module, "_default", builtins_registry)  # what get_registry() returns now
+    assert store.replay(run_id, "max-prob", threshold=0.7).metrics == store.replay(run_id, MaxProb(0.7)).metrics
+    assert store.registry is builtins_registry
+
+
+def test_replay_by_name_errors(tmp_path, builtins_registry):
+    from mhee_sdk.registry import UnknownNameError
+
+    store = Store.open(tmp_path / "runs.duckdb", registry=builtins_registry)
+    run_id = fake_full_depth_run(store, 50, [3, 6])
+    with pytest.raises(UnknownNameError, match=r"exit policy 'maxprob' is unknown; .*did you mean 'max-prob'"):
+        store.replay(run_id, "maxprob", threshold=0.7)
+    with pytest.raises(UnknownNameError, match="did you mean 'entropy'"):
+        store.sweep(run_id, "entropi", threshold=[0.2, 0.4])
+    with pytest.raises(TypeError, match="treshold"):
+        store.replay(run_id, "max-prob", treshold=0.7)
+    with pytest.raises(ValueError, match=r"threshold=1.5 is outside \[0.5, 1.0\]"):
+        store.sweep(run_id, "max-prob", threshold=[0.7, 1.5])
+    with pytest.raises(ValueError, match="a sweep varies one parameter, but ratio, window are all lists"):
+        store.sweep(run_id, "multi-head", ratio=[2.0, 3.0], window=[1, 2])
+    with pytest.raises(ValueError, match=r"threshold=\[\] gives a sweep nothing to replay"):
+        store.sweep(run_id, "max-prob", threshold=[])
+    with pytest.raises(ValueError, match=r"parameters \['threshold'\] go with a policy name, not an object"):
+        store.replay(run_id, MaxProb(0.7), threshold=0.8)
+    with pytest.raises(ValueError, match=r"parameters \['threshold'\] go with a policy name, not a list"):
+        store.sweep(run_id, [MaxProb(0.7)], threshold=[0.8])
+    with pytest.raises(TypeError, match=r"does not follow mhee_sdk\.interfaces\.ExitPolicy: missing name, decide"):
+        store.replay(run_id, object())
+
+
+def test_an_uncalibrated_policy_cannot_be_replayed_from_the_store(tmp_path, builtins_registry):
+    store = Store.open(tmp_path / "runs.duckdb", registry=builtins_registry)
+    run_id = fake_full_depth_run(store, 400, [3, 6, 9])
+    message = r"policy 'calibrated' is not calibrated.*pass a calibrated object .* or its calibrated parameters"
+    with pytest.raises(ValueError, match=message + r" \(thresholds=\.\.\., as a run of it stores them"):
+        store.replay(run_id, "calibrated", budget=0.01)
+    with pytest.raises(ValueError, match=message):
+        store.replay(run_id, Calibrated())
+    with pytest.raises(ValueError, match=message):
+        store.sweep(run_id, "calibrated", budget=[0.01, 0.02])
+    thresholds = {"3": 0.8, "6": 0.7}  # as a run's config stores them: layers as text
+    by_name = store.replay(run_id, "calibrated", thresholds=thresholds)
+    assert by_name.metrics == store.replay(run_id, Calibrated(thresholds={3: 0.8, 6: 0.7})).metrics
+    assert by_name.metrics["mean_exit_layer"] < 9  # the thresholds are used: some requests exit early

@@ -32,6 +32,8 @@ EXPECTED = {
         r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+savings\s+speedup",
         r"calibrated\(budget=0.005\)\s+\d\.\d{3}",
         r"collab-logistic\s+\d\.\d{3}",
+        r"best head: layer \d, AUC \d\.\d{3}; last layer 6: AUC \d\.\d{3}",  # why an early exit can score higher
+        r"minus full depth: AUC [+-]\d\.\d{3} on 40 test requests, 90% bootstrap range [+-]\d\.\d{3} to [+-]\d",
         r"Exits of run max-prob\(threshold=0.75\)",
     ],
     "02_retrievers.ipynb": [
@@ -62,9 +64,20 @@ EXPECTED = {
         r"my-consecutive\(count=2,thresh\S*\s+\d\.\d{3}",  # and a run used it
         r"still listed after uninstalling: False",
     ],
+    "05_bring_your_own_data.ipynb": [
+        r"clicks.csv: 4,000 interactions, \d+ users, \d+ items",
+        r"cold \(fewer than 5 training interactions\), share of requests: valid: users \d",
+        r"error: clicks.csv has no column 'user' \(dataset_params.user",  # the one-line error, no traceback
+        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+speedup",
+        r"cold items \(fewer than 5 training interactions, [1-9]\d* of 60 requests\): AUC full depth",
+        r"User: a shopper from [A-Z]{2}\.\n(.+\n)*Candidate: .+\nWill the user like the candidate product\? Answer Yes",
+        r"AUC \(requests\)\s+cold items\s+cold users\s+light users",
+        r"light \d+-\d+, medium \d+-\d+, heavy \d+\+",
+    ],
 }
 # Plots each notebook shows (PNG outputs, widget snapshots included).
-MIN_PNGS = {"01_quickstart.ipynb": 2, "02_retrievers.ipynb": 1, "03_exit_policies.ipynb": 2}
+MIN_PNGS = {"01_quickstart.ipynb": 2, "02_retrievers.ipynb": 1, "03_exit_policies.ipynb": 2,
+            "05_bring_your_own_data.ipynb": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +165,12 @@ def test_tutorial_runs_top_to_bottom(name, kernel_env, tmp_path):
         assert not any("same exits" in text and "False" in text for text in texts)
     assert not _installed(PLUGIN_COPY)
     assert (tmp_path / "build" / "tutorials").is_dir()  # stores and plots go next to the copy, not the repo
+    if name.startswith("01_"):  # exported to HTML (the widget state saved), the ExitExplorer still shows offline
+        from nbconvert import HTMLExporter
+
+        page, _ = HTMLExporter().from_notebook_node(nb)
+        shown = re.sub(r"<script\b.*?</script>", "", page, flags=re.S)  # what a reader sees, not embedded data
+        statics = re.findall(r'<div class="mhee-static" id="mhee-static-\w+">(.*?)</div></div>', shown, flags=re.S)
+        assert "application/vnd.jupyter.widget-state+json" in nb.metadata.get("widgets", {})
+        assert any("Exits of run max-prob" in static and '<img alt="plot" src="data:image/png;base64,' in static
+                   for static in statics), f"no static ExitExplorer in the HTML export of {copy / name}"  # fmt: skip

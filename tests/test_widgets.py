@@ -149,6 +149,7 @@ def test_browser_compares_two_runs(runs):
     assert f"never ({full})" in browser.comparison.value
     assert f"max-prob(threshold=0.6) ({early})" in browser.comparison.value
     assert f"{store.metrics(full)['auc']:.4g}" in browser.comparison.value
+    assert "auc@cold_users" in browser.comparison.value and "requests@heavy_users" in browser.comparison.value
     assert len(output_pngs(browser.figures)) == 2  # Pareto points and exit histograms
 
 

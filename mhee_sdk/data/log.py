@@ -74,3 +74,11 @@ class InteractionLog:
     def raters(self, item: int, ts: int) -> Events:
         """Everyone's interactions with `item` strictly before `ts`, oldest first."""
         return self._by_item.before(int(item), int(ts))
+
+
+def lowest_liked_rating(train: pd.DataFrame) -> float:
+    """The lowest rating labelled 1 in `train`: which ratings in the log are likes (4 on MovieLens, 1 for clicks)."""
+    liked = train.loc[train["label"] == 1, "rating"]
+    if liked.empty:
+        raise ValueError("train has no liked interactions (label 1); nothing to learn a like rate from")
+    return float(liked.min())

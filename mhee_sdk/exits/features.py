@@ -12,15 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from mhee_sdk.data.log import InteractionLog
+from mhee_sdk.data.log import InteractionLog, lowest_liked_rating
 from mhee_sdk.interfaces import ItemEmbeddings, Retriever
 from mhee_sdk.types import Request, Retrieved
 
 FEATURE_NAMES = (
     "gcn_history_score",  # item embedding . mean embedding of items the user liked before; 0 without a GCN
-    "item_like_rate",  # smoothed share of earlier ratings of the item that were >= 4
+    "item_like_rate",  # smoothed share of earlier ratings of the item that were likes (>= 4 on MovieLens)
     "item_ratings_log",  # log1p(number of earlier ratings of the item)
-    "user_like_rate",  # smoothed share of the user's earlier ratings that were >= 4
+    "user_like_rate",  # smoothed share of the user's earlier ratings that were likes
     "user_ratings_log",  # log1p(number of the user's earlier ratings)
     "similar_users_rating",  # mean rating of the candidate by the retrieved other users, minus 3.5; 0 if none
     "similar_users_count_log",  # log1p(number of retrieved other users who rated the candidate)
@@ -28,9 +28,12 @@ FEATURE_NAMES = (
 
 
 class CollaborativeFeatures:
-    """Computes :data:`FEATURE_NAMES` for requests and their retrieved evidence."""
+    """Computes :data:`FEATURE_NAMES` for requests and their retrieved evidence.
 
-    def __init__(self, smoothing: float = 10.0, like_threshold: float = 4.0) -> None:
+    A rating is a like at ``>= like_threshold``; None (default) takes the lowest rating labelled 1 in train.
+    """
+
+    def __init__(self, smoothing: float = 10.0, like_threshold: float | None = None) -> None:
         self.smoothing, self.like_threshold = smoothing, like_threshold
 
     @property
@@ -46,6 +49,8 @@ class CollaborativeFeatures:
         # the one check of this optional capability: without item embeddings the GCN score is 0
         self.item_embeddings = retriever.item_embeddings if isinstance(retriever, ItemEmbeddings) else None
         self.prior = float(train["label"].mean())
+        if self.like_threshold is None:
+            self.like_threshold = lowest_liked_rating(train)
         return self
 
     def compute(self, requests: Sequence[Request], retrieved: Sequence[Sequence[Retrieved]]) -> np.ndarray:

@@ -88,8 +88,9 @@ class MLPHead(LinearHead):
 class LowRank(nn.Module):
     """Standardize, then project on the top `rank` principal components of the training features.
 
-    Fitted once (no gradient), like :class:`Standardize`: with a few hundred training requests a
-    576-wide hidden state overfits, while its leading components keep most of what a head can use.
+    Fitted once (no gradient), like [`Standardize`][mhee_sdk.exits.heads.Standardize]: with a few hundred
+    training requests a 576-wide hidden state overfits, while its leading components keep most of what a
+    head can use.
     """
 
     def __init__(self, hidden_size: int, rank: int) -> None:

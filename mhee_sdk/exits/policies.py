@@ -2,8 +2,9 @@
 
 A policy sees only ``probs[B, j]``, the P(like) of every head evaluated so far for each row, and
 decides row by row. Nothing else goes in, so replaying a policy over logged full-depth outputs
-(:func:`replay`) gives exactly what a live run gives. For a binary answer, ``max-prob``, ``entropy``
-and ``margin`` are monotone in ``|p - 0.5|``: they differ only in how the threshold reads.
+([`replay`][mhee_sdk.exits.policies.replay]) gives exactly what a live run gives. For a binary answer,
+``max-prob``, ``entropy`` and ``margin`` are monotone in ``|p - 0.5|``: they differ only in how the
+threshold reads.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class MultiHead:
 
 @dataclass
 class Calibrated:
-    """Per-layer confidence thresholds chosen on validation data (:meth:`calibrate`) so that the AUC
+    """Per-layer confidence thresholds chosen on validation data (`calibrate`) so that the AUC
     drop versus full depth stays within `budget` there, with a margin for sampling noise (in the spirit
     of CALM, which bounds the risk with high probability rather than on average).
 
@@ -213,7 +214,7 @@ class Calibrated:
 
     @property
     def is_calibrated(self) -> bool:
-        """True once thresholds are set (by :meth:`calibrate` or from a stored run)."""
+        """True once thresholds are set (by `calibrate` or from a stored run)."""
         return bool(self.thresholds)
 
     def calibrated_params(self) -> dict[str, Any]:
@@ -277,8 +278,8 @@ class Replay:
 def decide_rows(policy: ExitPolicy, layer: int, probs: np.ndarray) -> np.ndarray:
     """The policy's decision for each row of ``probs [B, j]``, checked: a bool array of shape ``[B]``.
 
-    The live engine and :func:`replay` both go through here, so a policy that breaks the contract fails
-    the same way in both (and never silently broadcasts, or turns NaN into "exit").
+    The live engine and [`replay`][mhee_sdk.exits.policies.replay] both go through here, so a policy that
+    breaks the contract fails the same way in both (and never silently broadcasts, or turns NaN into "exit").
     """
     decision = np.asarray(policy.decide(int(layer), probs))
     if decision.shape != (len(probs),):

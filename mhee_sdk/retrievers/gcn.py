@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from mhee_sdk.data.log import Events, InteractionLog
 from mhee_sdk.hookspecs import hookimpl
+from mhee_sdk.progress import progress_bar
 from mhee_sdk.retrievers.simple import check_k
 from mhee_sdk.types import Request, Retrieved
 
@@ -111,7 +111,7 @@ def train_lightgcn(
             total = total + layer
         return total / (layers + 1)
 
-    bar = tqdm(range(epochs), desc="LightGCN", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), desc="LightGCN", unit="epoch", enabled=progress)
     for _ in bar:
         order = rng.permutation(len(edges))
         for start in range(0, len(order), batch_size):

@@ -10,6 +10,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mhee_sdk import plots
+from mhee_sdk.data.split import SLICES
+from mhee_sdk.metrics import SLICE_METRICS, slice_metric
 from mhee_sdk.store import Store
 from mhee_sdk.widgets.rendering import StaticFallback, escape, show_figures
 
@@ -17,6 +19,8 @@ COLUMNS = ["name", "kind", "auc", "gauc", "logloss", "mean_exit_layer", "layer_s
            "created", "run_id"]  # fmt: skip
 METRIC_ROWS = ["auc", "gauc", "logloss", "accuracy", "mean_exit_layer", "layer_savings", "speedup",
                "requests_per_s", "requests"]  # fmt: skip
+# quality on the cold-start and activity slices (mhee_sdk.data.split), compared side by side too
+SLICE_ROWS = [slice_metric(metric, name) for name in SLICES for metric in SLICE_METRICS]
 # label -> (column, ascending)
 SORTS: dict[str, tuple[str, bool]] = {
     "newest first": ("created", False),
@@ -30,7 +34,7 @@ SORTS: dict[str, tuple[str, bool]] = {
 
 
 class RunBrowser(StaticFallback, widgets.VBox):
-    """Finished runs of a store: filter, sort, and compare a selection (metrics, exit histograms, Pareto points)."""
+    """Finished runs of a store: filter, sort, and compare a selection (metrics, slices, exit histograms, Pareto)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -58,7 +62,7 @@ class RunBrowser(StaticFallback, widgets.VBox):
     def refresh(self) -> None:
         """Re-read the store (e.g. after a PolicyTuner saved a run)."""
         runs = self.store.runs()
-        for column in set(COLUMNS + METRIC_ROWS) - set(runs.columns):
+        for column in set(COLUMNS + METRIC_ROWS + SLICE_ROWS) - set(runs.columns):
             runs[column] = float("nan")
         self.runs = runs
         self._show_table()
@@ -98,7 +102,7 @@ class RunBrowser(StaticFallback, widgets.VBox):
             show_figures(self.figures, [plots.pareto(self.visible_runs)])
             return
         headers = [f"{name} ({run_id})" for name, run_id in zip(chosen["name"], chosen["run_id"], strict=True)]
-        metrics = chosen[METRIC_ROWS].T.set_axis(headers, axis=1).dropna(how="all")
+        metrics = chosen[METRIC_ROWS + SLICE_ROWS].T.set_axis(headers, axis=1).dropna(how="all")
         self.comparison.value = "<b>side by side</b>" + metrics.to_html(border=0, na_rep="-",
                                                                          float_format="{:.4g}".format)  # fmt: skip
         show_figures(self.figures, [plots.pareto(chosen), self._histograms(chosen)])

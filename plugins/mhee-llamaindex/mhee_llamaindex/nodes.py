@@ -9,7 +9,7 @@ import pandas as pd
 from llama_index.core.schema import BaseNode, TextNode
 
 from mhee_sdk.data.log import Events
-from mhee_sdk.data.movielens import MovieLens100K
+from mhee_sdk.data.movielens import MOVIE_TEMPLATE, MovieLens100K
 from mhee_sdk.data.prompt import PromptBuilder
 from mhee_sdk.types import Request, Retrieved
 
@@ -36,7 +36,7 @@ def load_items(items: pd.DataFrame | None = None) -> pd.DataFrame:
 
 def item_texts(items: pd.DataFrame) -> Callable[[int], str]:
     """``item -> "Toy Story (1995; Animation, Children's, Comedy)"``, exactly as the prompt writes it."""
-    return PromptBuilder(users=pd.DataFrame(), items=items).item_text
+    return PromptBuilder(users=pd.DataFrame(), items=items, template=MOVIE_TEMPLATE).item_text
 
 
 def interaction_node(
