@@ -240,11 +240,12 @@ def verify(names: Sequence[str] | None = None) -> list[str]:
         for item in asset.installed_files:
             found = problem(home() / asset.folder / item.filename, item.size, item.sha256, full=True)
             if found is not None:
-                problems.append(f"{name}: {home() / asset.folder / item.filename} {found}; {_repair(name)}")
+                fix = _repair(name) if found != "is missing" else f"run `{_install_command(name)}` to install it"
+                problems.append(f"{name}: {home() / asset.folder / item.filename} {found}; {fix}")
         if isinstance(asset, ModelAsset):
             folder = home() / asset.model_folder
             if not (folder / _COMPLETE).is_file():
-                problems.append(f"{name}: {folder} is not converted; {_repair(name)}")
+                problems.append(f"{name}: {folder} is not converted; run `mhee assets install {name}`")
                 continue
             try:
                 files = _model_files(name, folder)

