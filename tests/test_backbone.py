@@ -121,9 +121,11 @@ def test_gemma3_270m_layer_by_layer_equals_its_own_forward():
     tokenizer = backbone.tokenizer
     assert backbone.plain_prompts  # the base model has no chat template: "...\nAnswer:" after <bos>
     assert [tokenizer.decode([i]) for i in backbone.answer_token_ids()] == [" Yes", " No"]
-    check_backbone(backbone, GEMMA_PROMPTS)
+    # Gemma's hidden states are large (scaled embeddings, growing residuals): a fixed 1e-4 is below fp32 rounding
+    scale = 1e-3 * float(backbone.start(GEMMA_PROMPTS[:1]).hidden.abs().max())  # tolerance scaled to the embeddings
+    check_backbone(backbone, GEMMA_PROMPTS, atol=max(1e-4, scale))
     with torch.inference_mode():
-        full_depth_matches_model(backbone, GEMMA_PROMPTS, atol=1e-4)
+        full_depth_matches_model(backbone, GEMMA_PROMPTS, atol=max(1e-4, scale))
         state = backbone.start(GEMMA_PROMPTS)
         assert (state.hidden.shape[1] - state.mask.sum(1) == 0).any()  # the longest prompt is not padded
         for _ in range(backbone.num_layers):
