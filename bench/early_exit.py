@@ -1,6 +1,8 @@
 """Early exit vs full depth on the same held-out requests: quality and measured speed, in one run.
 
     python bench/early_exit.py [--requests 100] [--repeats 3] [--batch-sizes 1 32] [--backbone smollm2-135m]
+    python bench/early_exit.py --backbone gemma3-270m --train 100 --valid 60 --requests 60 --repeats 1 \
+        --batch-sizes 32   # the optional second model (`mhee assets install gemma3-270m`), a smaller sample
 
 For every policy: AUC, AUC delta vs full depth, mean exit layer, ideal speedup (layers / mean exit
 layer), measured wall-clock speedup vs the full-depth engine on the same requests and batch size,
@@ -52,7 +54,7 @@ def hf_forward_seconds(backbone, texts: list[str], batch_size: int) -> float:
         for start in range(0, len(texts), batch_size):
             batch = backbone.tokenizer(
                 [backbone.format(t) for t in texts[start : start + batch_size]],
-                padding=True, return_tensors="pt", add_special_tokens=False,
+                padding=True, return_tensors="pt", add_special_tokens=backbone.plain_prompts,  # as the backbone
             ).to(backbone.device)  # fmt: skip
             backbone.model.model(**batch)
     return time.perf_counter() - started
@@ -118,10 +120,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--backbone", default=DEMO_CONFIG.backbone)
     parser.add_argument("--head", default=DEMO_CONFIG.head)
+    parser.add_argument("--train", type=int, default=DEMO_CONFIG.train_requests, help="requests to train heads on")
+    parser.add_argument("--valid", type=int, default=DEMO_CONFIG.valid_requests, help="validation requests")
     parser.add_argument("--profile", default="max-prob", help="the early-exit policy to profile")
     args = parser.parse_args()
 
-    config: RunConfig = DEMO_CONFIG.replace(backbone=args.backbone, head=args.head, eval_requests=args.requests)
+    config: RunConfig = DEMO_CONFIG.replace(backbone=args.backbone, head=args.head, eval_requests=args.requests,
+                                              train_requests=args.train, valid_requests=args.valid)  # fmt: skip
     experiment = Experiment(config, progress=False)
     experiment.fit_heads()
     requests = experiment.requests()
@@ -132,8 +137,10 @@ def main() -> None:
     backbone = experiment.backbone
     policies = [(name, params, experiment.make_policy(name, params)) for name, params in POLICIES]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"device {backbone.device}; backbone {backbone.name} ({backbone.num_layers} layers); "
-          f"{len(requests)} held-out test requests (N); head {config.head}; "
+          f"device {backbone.device}; backbone {backbone.name} ({backbone.num_layers} layers, "
+          f"{str(getattr(backbone, 'dtype', '?')).removeprefix('torch.')}); "
+          f"{len(requests)} held-out test requests (N); head {config.head} trained on {config.train_requests} "
+          f"train / {config.valid_requests} valid requests; "
           f"median of {args.repeats} repeats")  # fmt: skip
 
     for batch_size in args.batch_sizes:

@@ -2,6 +2,7 @@
 
     python bench/quality.py [--train 600 --valid 300 --test 400] [--big 5000] [--adapter NAME ...]
     python bench/quality.py --backbone tiny --train 40 --valid 30 --test 40 --prompt-tokens 300  # a quick check
+    python bench/quality.py --backbone gemma3-270m --train 100 --valid 60 --test 100  # the optional second model
 
 Rows: baselines (no LLM), then LLM configurations (prompt x head). Columns: AUC / GAUC / LogLoss of
 the head at its best layer (chosen on validation, reported on test) and at the last layer, and the
@@ -118,8 +119,12 @@ def main() -> None:
         m = first.run_baseline("collab-logistic", {"train_requests": args.big}, requests=requests).metrics
         label = f"collab-logistic (no LLM), {args.big} train requests"
         print(f"{label:<52}{m['auc']:>7.3f}{m['gauc']:>7.3f}{m['logloss']:>8.3f}{'-':>6}{blank}{cold_cells(m)}")
+    loaded = {}  # one backbone per name, shared by the rows (Gemma 3 takes 10-60 s to load on 2 cores)
     for label, overrides in configs:
         experiment = Experiment(RunConfig(**{**sizes, **overrides}), progress=False)
+        if experiment.config.backbone in loaded:
+            experiment.__dict__["backbone"] = loaded[experiment.config.backbone]  # the cached_property's slot
+        loaded[experiment.config.backbone] = experiment.backbone
         experiment.fit_heads()
         layers, num_layers = experiment.heads.layers, experiment.backbone.num_layers
         valid = outputs(experiment, "valid", args.valid)

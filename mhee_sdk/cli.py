@@ -114,8 +114,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
     else:
-        print(format_table(rows, ["name", "state", "source", "location"]))
-    return 0 if all(row["state"] == "installed" for row in rows) else 1
+        print(format_table(rows, ["name", "state", "default", "source", "location"]))
+    # an optional asset (default "no") that was never installed is no failure; a damaged one is
+    failed = [r for r in rows if r["state"] == "damaged" or (r["state"] == "missing" and r["default"] == "yes")]
+    return 1 if failed else 0
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -409,7 +411,8 @@ def _global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 EXAMPLES = {
     "plugins": "examples:\n  mhee plugins\n  mhee plugins --json | jq '.entries[].name'\n"
     "  MHEE_STRICT_PLUGINS=1 mhee plugins    # fail on a broken plugin instead of skipping it",
-    "assets": "examples:\n  mhee assets install\n  mhee assets status --json\n  mhee assets verify smollm2-135m",
+    "assets": "examples:\n  mhee assets install\n  mhee assets status --json\n  mhee assets verify smollm2-135m\n"
+    "  mhee assets install gemma3-270m    # optional second model: ~1.3 GB on disk, minutes to convert",
     "store": "examples:\n  mhee store repair --store demo_out/mhee_runs.duckdb",
     "data": "examples:\n  mhee data check clicks.csv --label clicked --item-columns title,category\n"
     "  mhee data check --config run.toml",
@@ -458,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     asset_cmd = command("assets", "install, check or verify the real model and data", cmd_assets)
     asset_cmd.add_argument("action", choices=["install", "status", "verify"],
                            help="install; status (cheap check); verify (full SHA-256 of every file)")  # fmt: skip
-    asset_cmd.add_argument("names", nargs="*", help="assets to act on (default: all)")
+    asset_cmd.add_argument("names", nargs="*", help="assets to act on (install default: those marked default in "
+                           "`mhee assets status`; verify default: those and any optional one installed; "
+                           "all: every asset)")  # fmt: skip
     asset_cmd.add_argument("--json", action="store_true", help="machine-readable output (status, verify)")
 
     store_cmd = command("store", "maintain a store: mark runs whose process is gone as failed", cmd_store)

