@@ -111,7 +111,9 @@ def _log_run(client, experiment_id: str, store: Store, run_id: str, artifacts: S
     params.update({"exit_layers": json.dumps(record["exit_layers"]), "num_layers": str(record["num_layers"])})
     for chunk in _chunks([Param(key, value) for key, value in params.items()], BATCH):
         client.log_batch(mlflow_run_id, params=chunk)
-    metrics = [Metric(name, float(value), started, 0) for name, value in store.metrics(run_id).items()]
+    # MLflow metric names allow no "@": the slice metrics (auc@cold_items) become auc/cold_items
+    values = store.metrics(run_id)
+    metrics = [Metric(name.replace("@", "/"), float(value), started, 0) for name, value in values.items()]
     client.log_batch(mlflow_run_id, metrics=metrics)
     for path in artifacts:
         client.log_artifact(mlflow_run_id, str(path))

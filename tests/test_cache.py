@@ -52,9 +52,9 @@ def _nan_with_matching_record(entry: Path) -> None:
     array[7] = np.nan
     np.save(entry, array)
     meta = json.loads(entry.with_suffix(".json").read_text())
-    from mhee_sdk.cache import _sha256
+    from mhee_sdk.assets import sha256
 
-    meta["sha256"], meta["size"] = _sha256(entry), entry.stat().st_size
+    meta["sha256"], meta["size"] = sha256(entry), entry.stat().st_size
     entry.with_suffix(".json").write_text(json.dumps(meta))
 
 

@@ -20,11 +20,11 @@ class InterruptAfter:
     def __getattr__(self, name):
         return getattr(self.backbone, name)
 
-    def start(self, texts):
+    def start(self, texts, **options):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left -= 1
-        return self.backbone.start(texts)
+        return self.backbone.start(texts, **options)
 
 
 def test_hidden_states_are_cached_and_reused(tiny, tmp_path):

@@ -67,8 +67,8 @@ EXPECTED = {
     "05_bring_your_own_data.ipynb": [
         r"clicks.csv: 4,000 interactions, \d+ users, \d+ items",
         r"cold \(fewer than 5 training interactions\), share of requests: valid: users \d",
-        r"error: clicks.csv has no column 'user' \(dataset_params.user",  # the one-line error, no traceback
-        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+speedup",
+        r"Error: clicks.csv has no column 'user' \(dataset_params.user",  # the one-line error, no traceback
+        r"AUC\s+GAUC\s+LogLoss\s+mean exit\s+savings\s+speedup",
         r"cold items \(fewer than 5 training interactions, [1-9]\d* of 60 requests\): AUC full depth",
         r"User: a shopper from [A-Z]{2}\.\n(.+\n)*Candidate: .+\nWill the user like the candidate product\? Answer Yes",
         r"AUC \(requests\)\s+cold items\s+cold users\s+light users",
