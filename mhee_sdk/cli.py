@@ -417,7 +417,7 @@ EXAMPLES = {
     "data": "examples:\n  mhee data check clicks.csv --label clicked --item-columns title,category\n"
     "  mhee data check --config run.toml",
     "demo": "examples:\n  mhee demo --backbone tiny --samples 20    # the real code path in about a minute\n"
-    "  mhee demo                                 # SmolLM2-135M, a few minutes on a laptop CPU\n"
+    "  mhee demo                                 # SmolLM2-135M: 16 min on 2 busy cores, first run\n"
     "  mhee demo --json > demo.json",
     "eval": "examples:\n  mhee eval run.toml\n  mhee eval run.toml --store runs.duckdb --json\n"
     "  mhee eval run.toml --executor ray --num-workers 2    # batches on a Ray actor pool (docs/cluster.md)\n\n"

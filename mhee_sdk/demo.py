@@ -1,4 +1,4 @@
-"""`mhee demo`: the whole method on real data and the real model, in a few minutes on a laptop CPU.
+"""`mhee demo`: the whole method on real data and the real model on a laptop CPU (README: measured time).
 
 MovieLens-100K, the GCN retriever (similar users' ratings of the candidate in the prompt), SmolLM2-135M
 frozen, hybrid exit heads (hidden state + collaborative features) on every 3rd layer trained on the
