@@ -30,7 +30,6 @@ import torch
 
 from mhee_sdk.config import RunConfig
 from mhee_sdk.demo import DEMO_CONFIG
-from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.evaluation import Experiment
 from mhee_sdk.metrics import auc
 
@@ -96,7 +95,7 @@ def print_profile(experiment, policies, texts, ids, extra, batch_size: int) -> N
     for name, params, policy in policies:
         totals: dict[str, float] = defaultdict(float)
         per_width: dict[int, list[float]] = defaultdict(list)
-        engine = EarlyExitEngine(experiment.backbone, experiment.heads, policy)
+        engine = experiment.engine(policy)
         with timed(experiment.backbone, experiment.heads, policy, totals, per_width):
             started = time.perf_counter()
             engine.run(texts, ids, batch_size=batch_size, progress=False, features=extra)
@@ -150,7 +149,7 @@ def main() -> None:
             seconds["hf forward"].append(hf_forward_seconds(backbone, texts, batch_size))
             for name, params, policy in policies:
                 label = f"{name}{params}" if params else name
-                engine = EarlyExitEngine(backbone, experiment.heads, policy)
+                engine = experiment.engine(policy)  # the system message the heads were trained with
                 started = time.perf_counter()
                 predictions = engine.run(texts, ids, batch_size=batch_size, progress=False, features=extra)
                 seconds.setdefault(label, []).append(time.perf_counter() - started)

@@ -39,7 +39,8 @@ OnBatch = Callable[[BatchResult], None]
 class EarlyExitEngine:
     """Runs prompts through `backbone` with `heads` on the exit layers, stopping rows per `policy`.
 
-    system: the chat system message every prompt gets (see ``Backbone.start``).
+    system: the chat system message every prompt gets (see ``Backbone.start``); it must be the one the
+    heads were trained with, so scripts get their engine from ``Experiment.engine`` rather than build it.
     """
 
     backbone: Backbone

@@ -494,11 +494,8 @@ class Experiment:
             requests = [Request(int(i), int(u), int(it), -1, int(t))
                         for i, u, it, t in zip(ids, requests["user"], requests["item"], requests["ts"], strict=True)]
         requests = self.check_requests(requests, labelled=False)
-        self._ensure_heads()
-        spec = policy or (self.config.policy, self.config.policy_params)
-        _, _, policy_obj = self._prepare(spec, "")
+        engine = self.engine(policy or (self.config.policy, self.config.policy_params))
         texts, retrieved = self.prompts(requests)
-        engine = EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
         out = engine.run(texts, [r.request_id for r in requests], batch_size=self.config.batch_size,
                          progress=self.progress, features=self.extra_features(requests, retrieved),
                          prefix=self.prefix(requests))  # fmt: skip
@@ -506,6 +503,19 @@ class Experiment:
                              "item": [r.item for r in requests], "ts": [r.ts for r in requests],
                              "prob": [p.prob for p in out], "exit_layer": [p.exit_layer for p in out],
                              "latency_s": [p.latency_s for p in out]})  # fmt: skip
+
+    def engine(self, policy: PolicySpec | None = None) -> EarlyExitEngine:
+        """The early-exit engine this experiment's runs use: its backbone, trained heads, and system message.
+
+        For scripts that drive ``EarlyExitEngine.run`` themselves (benchmarks): an engine built by hand
+        without ``system=`` would feed prompts unlike those the heads were trained on. The policy defaults
+        to the config's; pass features and soft tokens to ``run`` (``extra_features``, ``prefix``).
+        """
+        spec = policy or (self.config.policy, self.config.policy_params)
+        self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))  # a bad name before training
+        self._ensure_heads()
+        _, _, policy_obj = self._prepare(spec, "")
+        return EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
 
     def _record(self, config: RunConfig) -> dict[str, Any]:
         """The config a run stores, with what the backbone actually ran on (auto dtype/device resolved)."""

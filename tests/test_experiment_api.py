@@ -83,6 +83,20 @@ def test_predict_scores_requests_without_labels(experiment):
         experiment.predict(unlabeled.drop(columns="ts"))
 
 
+def test_engine_drives_requests_as_the_runs_do(experiment):
+    """A script that runs the engine itself gets the runs' heads and system message: the same predictions."""
+    requests = experiment.requests()[:8]
+    texts, retrieved = experiment.prompts(requests)
+    engine = experiment.engine(("max-prob", {"threshold": 0.6}))
+    assert engine.system is not None and engine.system == experiment.system  # what the heads were trained with
+    out = engine.run(texts, batch_size=4, progress=False, features=experiment.extra_features(requests, retrieved))
+    ran = experiment.run("max-prob", threshold=0.6, requests=requests)
+    assert [p.exit_layer for p in out] == [p.exit_layer for p in ran.predictions]
+    np.testing.assert_allclose([p.prob for p in out], [p.prob for p in ran.predictions], atol=1e-6)
+    with pytest.raises(ValueError, match="max-porb"):
+        experiment.engine("max-porb")
+
+
 def test_a_live_object_in_a_config_is_described_not_pickled(experiment, tmp_path):
     class MyIndex:
         def __deepcopy__(self, memo):  # like a LlamaIndex retriever holding a native handle
