@@ -70,14 +70,22 @@ class GCNScore:
 
     name = "gcn-score"
 
-    def __init__(self, **gcn_params: object) -> None:
-        """`gcn_params` are :class:`~mhee_sdk.retrievers.gcn.GCNRetriever`'s; a wrong one fails here, before any fit."""
+    def __init__(self, retriever: object | None = None, **gcn_params: object) -> None:
+        """`gcn_params` are :class:`~mhee_sdk.retrievers.gcn.GCNRetriever`'s; a wrong one fails here, before any fit.
+
+        retriever: the experiment's fitted retriever; when it is the same LightGCN, fitted on the same
+        ratings (see ``GCNRetriever.same_fit``), its embeddings are used instead of training them again.
+        """
         from mhee_sdk.retrievers.gcn import GCNRetriever
 
         self.model = GCNRetriever(**gcn_params)
+        self.offered = retriever if isinstance(retriever, GCNRetriever) else None
 
     def fit(self, train: pd.DataFrame, log: InteractionLog) -> GCNScore:
-        self.model.fit(train, log)
+        if self.offered is not None and self.model.same_fit(self.offered, train, log):
+            self.model = self.offered  # scoring only reads it (and fills its lazy per-user cache)
+        else:
+            self.model.fit(train, log)
         return self
 
     def score(self, requests: Sequence[Request]) -> np.ndarray:

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mhee_sdk.baselines import Logistic, Popularity, platt
+from mhee_sdk.baselines import GCNScore, Logistic, Popularity, platt
 from mhee_sdk.data.log import InteractionLog
 from mhee_sdk.metrics import quality
+from mhee_sdk.retrievers.gcn import GCNRetriever
 from mhee_sdk.types import Request
 
 # user, item, rating, ts: item 10 is loved, item 20 disliked, item 30 mixed; ts 1..8 are training
@@ -87,3 +88,16 @@ def test_platt_keeps_the_order_and_calibrates():
 def test_negative_smoothing_is_rejected():
     with pytest.raises(ValueError, match="smoothing=-1"):
         Popularity(smoothing=-1)
+
+
+def test_gcn_score_reuses_the_experiments_lightgcn_only_when_it_is_the_same_fit(log):
+    train, later = frame(TRAIN), requests(LATER)
+    settings = dict(dim=8, epochs=3, progress=False)
+    retriever = GCNRetriever(mode="users", **settings).fit(train, log)
+    shared = GCNScore(retriever=retriever, **settings).fit(train, log)
+    own = GCNScore(**settings).fit(train, log)
+    assert shared.model is retriever and own.model is not retriever
+    np.testing.assert_array_equal(shared.score(later), own.score(later))  # seeded training: sharing changes no score
+    assert GCNScore(retriever=retriever, dim=8, epochs=4, progress=False).fit(train, log).model is not retriever
+    fewer = train.iloc[:-3]  # drops the liked (3, 30) rating: another graph
+    assert GCNScore(retriever=retriever, **settings).fit(fewer, log).model is not retriever

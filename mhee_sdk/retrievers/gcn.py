@@ -151,6 +151,11 @@ def _top(scores: np.ndarray, ts: np.ndarray, k: int) -> np.ndarray:
     return keep[np.lexsort((-ts[keep], -scores[keep]))][:k]
 
 
+def _liked_edges(train: pd.DataFrame) -> np.ndarray:
+    """The graph's ``(user, item)`` edges ``[E, 2]``: the liked (label 1) training ratings, each pair once."""
+    return np.unique(train.loc[train["label"] == 1, ["user", "item"]].to_numpy(np.int64), axis=0)
+
+
 def _padded(embeddings: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Zero the rows without an edge and append one zero row, which unknown or out-of-range ids gather."""
     rows = np.where(known[:, None], embeddings, 0).astype(np.float32)
@@ -211,7 +216,7 @@ class GCNRetriever:
             raise ValueError("train has no liked ratings (label 1); the graph would have no edges")
         # the fold-in must use the same "liked" rule as the graph edges
         self.like_threshold = float(liked["rating"].min())
-        edges = np.unique(liked[["user", "item"]].to_numpy(np.int64), axis=0)
+        edges = _liked_edges(train)
         users, items = train["user"].max() + 1, train["item"].max() + 1
         user_emb, item_emb = train_lightgcn(
             edges, int(users), int(items), **self._train_params(), progress=self.progress
@@ -220,6 +225,18 @@ class GCNRetriever:
 
     def _train_params(self) -> dict[str, object]:
         return {"dim": self.dim, "layers": self.layers, "epochs": self.epochs, "lr": self.lr, "seed": self.seed}
+
+    def same_fit(self, other: GCNRetriever, train: pd.DataFrame, log: InteractionLog) -> bool:
+        """Whether `other`, already fitted, is what ``self.fit(train, log)`` would give (so it can be shared).
+
+        Same mode and training settings, fitted on the same liked ratings, reading the same log: training is
+        seeded, so a second fit would only repeat the first one's minutes.
+        """
+        return (
+            other.log is log
+            and (other.mode, other._train_params()) == (self.mode, self._train_params())
+            and np.array_equal(other._edges, _liked_edges(train))
+        )
 
     @property
     def graph_edges(self) -> np.ndarray:
