@@ -26,7 +26,7 @@ _LAZY: dict[str, str] = {
     "Request": "mhee_sdk.types",
     "Retrieved": "mhee_sdk.types",
     "RunConfig": "mhee_sdk.config",
-    "RunResult": "mhee_sdk.evaluation",
+    "RunResult": "mhee_sdk.runs",
     "Store": "mhee_sdk.store",
     "create": "mhee_sdk.registry",
     "evaluate": "mhee_sdk.evaluation",
@@ -62,9 +62,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from mhee_sdk.data.log import InteractionLog
     from mhee_sdk.data.movielens import MovieLens100K
     from mhee_sdk.data.prompt import PromptBuilder, PromptTemplate
-    from mhee_sdk.evaluation import Experiment, RunResult, evaluate
+    from mhee_sdk.evaluation import Experiment, evaluate
     from mhee_sdk.interfaces import Knob
     from mhee_sdk.registry import Registry, create, get_registry
+    from mhee_sdk.runs import RunResult
     from mhee_sdk.store import Store
     from mhee_sdk.types import Prediction, Request, Retrieved
     from mhee_sdk.validation import ConfigError

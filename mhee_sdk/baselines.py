@@ -23,7 +23,8 @@ from mhee_sdk.metrics import quality
 from mhee_sdk.types import Prediction, Request
 
 if TYPE_CHECKING:
-    from mhee_sdk.evaluation import Experiment, RunResult
+    from mhee_sdk.evaluation import Experiment
+    from mhee_sdk.runs import RunResult
     from mhee_sdk.store import Store
 
 # scipy and scikit-learn are imported where used: the registry loads this module on every CLI start
@@ -193,7 +194,7 @@ def score_baseline(
     """Fit baseline `name` on the experiment's train split, calibrate on its valid sample, score `requests`."""
     import pandas as pd
 
-    from mhee_sdk.evaluation import RunResult
+    from mhee_sdk.runs import RunResult
 
     entry, implied = experiment.registry.get("baseline", name)
     accepted = inspect.signature(entry.factory).parameters

@@ -9,7 +9,6 @@ machine; :func:`evaluate` is the one-call form.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -17,8 +16,6 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import ExitStack, closing
-from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,6 @@ from mhee_sdk.engine import EarlyExitEngine
 from mhee_sdk.executors import Executor, executor_for
 from mhee_sdk.exits.features import CollaborativeFeatures
 from mhee_sdk.exits.heads import ExitHeads, build_heads, check_head_output, load_heads, save_heads
-from mhee_sdk.exits.policies import FULL_DEPTH
 from mhee_sdk.interfaces import (
     AdaptedBackbone,
     Backbone,
@@ -45,14 +41,14 @@ from mhee_sdk.interfaces import (
     TemplatedDataset,
     require,
 )
-from mhee_sdk.metrics import run_metrics, sliced_quality
-from mhee_sdk.progress import progress_bar
+from mhee_sdk.metrics import sliced_quality
 from mhee_sdk.registry import Registry, get_registry
+from mhee_sdk.runs import RunResult, run_policies
 from mhee_sdk.store import Store
 from mhee_sdk.train import TrainConfig, TrainReport, collect_hidden, fit_heads
-from mhee_sdk.types import Prediction, Request, Retrieved
+from mhee_sdk.types import Request, Retrieved
 from mhee_sdk.validation import check_config
-from mhee_sdk.workers import BackboneSpec, Chunk, PolicyChunks
+from mhee_sdk.workers import BackboneSpec
 
 PolicySpec = str | tuple[str, dict[str, Any]] | ExitPolicy
 
@@ -61,30 +57,6 @@ def describe(backbone: Backbone) -> str:
     """What the backbone is and runs on, in one line."""
     precision = str(backbone.dtype).removeprefix("torch.")
     return f"{backbone.name}: {backbone.num_layers} layers, {precision} on {backbone.device}"
-
-
-@dataclass
-class RunResult:
-    """What one evaluated policy produced: metrics and counts; ``frame`` has one row per request."""
-
-    label: str
-    run_id: str | None
-    predictions: list[Prediction] = field(repr=False)
-    metrics: dict[str, float] = field(repr=False)
-    seconds: float
-
-    def __repr__(self) -> str:
-        shown = [f"{len(self.predictions)} requests"]
-        for key, text in (("auc", "AUC {:.3f}"), ("mean_exit_layer", "mean exit layer {:.1f}"),
-                          ("layer_savings", "layer savings {:.2f}x"), ("speedup", "speedup {:.2f}x")):  # fmt: skip
-            if key in self.metrics and np.isfinite(self.metrics[key]):
-                shown.append(text.format(self.metrics[key]))
-        return f"RunResult({self.label!r}, run_id={self.run_id!r}, {', '.join(shown)})"
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """One row per request: id, P(like), exit layer, latency and the head outputs up to the exit."""
-        return pd.DataFrame([asdict(p) for p in self.predictions])
 
 
 class Experiment:
@@ -407,45 +379,7 @@ class Experiment:
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
                                                                      strict=True)]  # fmt: skip
         requests = self.check_requests(requests if requests is not None else self.requests(), labelled=True)
-        texts, retrieved = self.prompts(requests)
-        key = self.requests_key(requests)
-        features, prefix = self.extra_features(requests, retrieved), self.prefix(requests)
-        size = self.config.batch_size
-        chunks = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
-        times = np.zeros((len(chunks), len(prepared)))
-        predictions: list[dict[int, Prediction]] = [{} for _ in prepared]
-        work = self._chunk_work(executor, [policy for _, _, policy in prepared], requests, texts, chunks, features,
-                                prefix)  # fmt: skip
-        with ExitStack() as stack:
-            run_ids = [None] * len(prepared)
-            if store is not None:
-                for j, (config, label, _) in enumerate(prepared):
-                    run_ids[j] = stack.enter_context(store.recording(
-                        self._record(config), self.heads.layers, self.backbone.num_layers, name=label,
-                        requests_key=key))  # fmt: skip
-            bar = stack.enter_context(progress_bar(total=len(requests) * len(prepared), enabled=self.progress,
-                                                   desc=f"evaluating {len(prepared)} policies"))  # fmt: skip
-            results_in = stack.enter_context(closing(executor.map(*work)))  # closed (Ray stopped) on any error
-            for b, done in results_in:  # any order on Ray; this process is the single store writer
-                chunk = chunks[b]
-                for j, out in enumerate(done.predictions):
-                    times[b, j] = done.seconds[j]
-                    predictions[j].update(zip(chunk, out, strict=True))
-                    if store is not None:
-                        self._log_batch(store, run_ids[j], chunk, out, requests, texts, retrieved)
-                bar.update(len(chunk) * len(prepared))
-            results = []
-            full = next((j for j, (stored, _, _) in enumerate(prepared) if stored.policy == FULL_DEPTH), None)
-            for j, (_, label, _) in enumerate(prepared):
-                ordered = [predictions[j][i] for i in range(len(requests))]
-                metrics = run_metrics(requests, ordered, self.backbone.num_layers, times[:, j],
-                                      None if full is None else times[:, full])  # fmt: skip
-                metrics.update(self.slice_metrics(requests, [p.prob for p in ordered]))
-                if store is not None:
-                    store.add_metrics(run_ids[j], metrics)
-                    store.add_timing(run_ids[j], "engine", float(times[:, j].sum()), len(requests))
-                results.append(RunResult(label, run_ids[j], ordered, metrics, float(times[:, j].sum())))
-        return results
+        return run_policies(self, prepared, requests, executor, store)
 
     def executor(self) -> Executor:
         """Where batches run: this process, or a Ray actor pool (the config's ``executor`` and its settings)."""
@@ -454,17 +388,6 @@ class Experiment:
     def backbone_spec(self) -> BackboneSpec:
         """How a worker process rebuilds this backbone: registry name, options, and the fingerprint to match."""
         return BackboneSpec(self.config.backbone, self.config.backbone_options(), self.backbone.fingerprint)
-
-    def _chunk_work(self, executor, policies, requests, texts, chunks, features, prefix) -> tuple:
-        """``(make_worker, items, shared)`` of run_many for `executor`: each item is one chunk of requests."""
-        remote = not executor.in_process
-        items = [Chunk(b, [texts[i] for i in chunk], [requests[i].request_id for i in chunk],
-                       None if features is None else features[chunk],
-                       None if prefix is None else (prefix[chunk].cpu() if remote else prefix[chunk]))
-                 for b, chunk in enumerate(chunks)]  # fmt: skip
-        heads = copy.deepcopy(self.heads).cpu() if remote else self.heads  # workers may have no GPU of the driver's
-        backbone = self.backbone_spec() if remote else self.backbone
-        return PolicyChunks(backbone, self.system), items, {"heads": heads, "policies": policies}
 
     def _prepare(self, spec: PolicySpec, name: str) -> tuple[RunConfig, str, ExitPolicy]:
         """The run's config (policy and parameters as stored), its label, and the policy object."""
@@ -516,29 +439,6 @@ class Experiment:
         self._ensure_heads()
         _, _, policy_obj = self._prepare(spec, "")
         return EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
-
-    def _record(self, config: RunConfig) -> dict[str, Any]:
-        """The config a run stores, with what the backbone actually ran on (auto dtype/device resolved)."""
-        actual = {"name": self.backbone.name, "dtype": str(self.backbone.dtype).removeprefix("torch."),
-                  "device": str(self.backbone.device), "fingerprint": self.backbone.fingerprint}  # fmt: skip
-        return {**config.to_dict(), "backbone_runtime": actual, "reproducible": config.reproducible}
-
-    def _log_batch(self, store, run_id, chunk, out, requests, texts, retrieved) -> None:
-        batch = [requests[i] for i in chunk]
-        layers = self.heads.layers
-        store.append_batch(run_id, {
-            "predictions": pd.DataFrame({
-                "request_id": [r.request_id for r in batch], "user": [r.user for r in batch],
-                "item": [r.item for r in batch], "label": [r.label for r in batch], "prob": [p.prob for p in out],
-                "exit_layer": [p.exit_layer for p in out], "latency_s": [p.latency_s for p in out]}),
-            "layer_outputs": pd.DataFrame(
-                [(p.request_id, layers[j], self.config.head, prob)
-                 for p in out for j, prob in enumerate(p.layer_probs)],
-                columns=["request_id", "layer", "head", "prob"]),
-            "requests": pd.DataFrame({
-                "request_id": [r.request_id for r in batch], "prompt": [texts[i] for i in chunk],
-                "retrieved": [json.dumps([asdict(x) for x in retrieved[i]]) for i in chunk]}),
-        })  # fmt: skip
 
     def slice_metrics(self, requests: Sequence[Request], probs: Sequence[float]) -> dict[str, float]:
         """Quality on the cold-start and activity slices (``auc@cold_items`` ...) plus the slices' cut points."""
