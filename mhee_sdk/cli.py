@@ -8,9 +8,6 @@ exits with status 1 (2 for a wrong command line); ``--debug`` shows the tracebac
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import numbers
 import os
 import re
 import sys
@@ -21,47 +18,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from mhee_sdk.validation import ConfigError, check_config, did_you_mean
+from mhee_sdk.console import UserError, describe_error, format_table, print_json, show_warning, table_records
+from mhee_sdk.validation import check_config, did_you_mean
 
 BROKEN_PIPE_STATUS = 141  # what a shell reports for a program ended by SIGPIPE (`mhee plugins --json | head -1`)
 
 
-# --------------------------------------------------------------------------- output helpers
-def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
-    """Plain-text table with a header row, columns padded to their widest cell."""
-    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
-    widths = [max([len(column), *(len(r[i]) for r in cells)]) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.ljust(w) for column, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def print_json(payload: object) -> None:
-    """JSON on stdout; NaN and infinities become null (JSON has no such numbers)."""
-    print(json.dumps(_plain(payload), indent=2, default=str))
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if type(value).__name__ in {"bool", "bool_"}:
-        return bool(value)
-    if isinstance(value, numbers.Integral):  # numpy integers too
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _table_records(table) -> list[dict[str, object]]:
-    return [_plain(row) for row in table.to_dict(orient="records")]
-
-
+# --------------------------------------------------------------------------- output
 def _logger(args: argparse.Namespace) -> Callable[[str], None] | None:
     """Where narrative lines go: stdout, stderr when stdout carries JSON, nowhere with --quiet."""
     if args.quiet:
@@ -196,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from mhee_sdk.store import Store
 
         table = runs_table(Store.open(result.store, read_only=True), result.run_ids)
-        print_json({"store": result.store, "runs": _table_records(table), "plots": result.plots,
+        print_json({"store": result.store, "runs": table_records(table), "plots": result.plots,
                     "notes": result.notes})  # fmt: skip
     return 0
 
@@ -234,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = experiment.run(store=store, requests=requests, name=config.name)
     table = runs_table(store, [result.run_id])
     if args.json:
-        print_json({"store": store.path, "run": _table_records(table)[0], "metrics": result.metrics, "notes": notes})
+        print_json({"store": store.path, "run": table_records(table)[0], "metrics": result.metrics, "notes": notes})
     else:
         print(format_runs(table))
         print()
@@ -274,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"no finished runs in {store.path}; record some with `mhee eval CONFIG` or `mhee demo`")
     paths = write_plots(store, table, args.out)
     if args.json:
-        print_json({"store": store.path, "runs": _table_records(table), "plots": paths})
+        print_json({"store": store.path, "runs": table_records(table), "plots": paths})
         return 0
     print(format_runs(table))
     print()
@@ -316,11 +279,7 @@ def _require_store_folder(path: str) -> None:
         raise UserError(f"store {path!r} is a folder; pass a file name with --store FILE")
 
 
-# --------------------------------------------------------------------------- errors
-class UserError(Exception):
-    """A mistake the user can fix; the message says how."""
-
-
+# --------------------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -331,50 +290,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _loaded(module: str, name: str) -> type | None:
-    """An exception class from `module` if that module was imported (an error from it implies it was)."""
-    found = sys.modules.get(module)
-    return getattr(found, name, None) if found is not None else None
-
-
-def _raised_in_sdk(err: BaseException) -> bool:
-    """True when the innermost frame of the traceback is mhee_sdk's code (a deliberate, worded raise)."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("mhee_sdk")
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", str(text).strip())
-
-
-def describe_error(err: Exception) -> tuple[str, bool]:
-    """The one-line message for `err` and whether it is a user error (else a bug: the traceback helps)."""
-    user_types = tuple(
-        cls for cls in (
-            UserError, ConfigError, _loaded("mhee_sdk.registry", "PluginError"),
-            _loaded("mhee_sdk.store", "StoreError"), _loaded("mhee_sdk.assets", "AssetMissingError"),
-        ) if cls is not None
-    )  # fmt: skip
-    if isinstance(err, user_types):
-        return _one_line(err), True
-    if isinstance(err, OSError) and err.filename is not None:
-        return _one_line(f"{err.strerror or err}: {err.filename}; check the path and its permissions"), True
-    if type(err).__module__.split(".")[0] in {"duckdb", "_duckdb"}:  # the store file itself is unusable
-        return _one_line(f"the store could not be used ({type(err).__name__}: {err}); check --store"), True
-    if isinstance(err, ValueError | TypeError | OSError) and _raised_in_sdk(err):
-        return _one_line(err), True
-    return _one_line(f"internal error ({type(err).__name__}: {err}); run with --debug for the traceback"), False
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"Warning: {_one_line(message)}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- parser
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (and a did-you-mean for a misspelled command)."""
 
@@ -547,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning  # one line per warning (restored when the block ends)
+            warnings.showwarning = show_warning  # one line per warning (restored when the block ends)
             from mhee_sdk.progress import silenced
 
             with silenced() if args.quiet else nullcontext():
