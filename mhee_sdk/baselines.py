@@ -18,7 +18,7 @@ import pandas as pd
 
 from mhee_sdk.data.log import InteractionLog, lowest_liked_rating
 from mhee_sdk.hookspecs import hookimpl
-from mhee_sdk.interfaces import Baseline, require
+from mhee_sdk.interfaces import Baseline, Retriever, require
 from mhee_sdk.metrics import quality
 from mhee_sdk.types import Prediction, Request
 
@@ -71,7 +71,7 @@ class GCNScore:
 
     name = "gcn-score"
 
-    def __init__(self, retriever: object | None = None, **gcn_params: object) -> None:
+    def __init__(self, retriever: Retriever | None = None, **gcn_params: object) -> None:
         """`gcn_params` are :class:`~mhee_sdk.retrievers.gcn.GCNRetriever`'s; a wrong one fails here, before any fit.
 
         retriever: the experiment's fitted retriever; when it is the same LightGCN, fitted on the same

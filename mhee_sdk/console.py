@@ -55,7 +55,6 @@ def table_records(table) -> list[dict[str, object]]:
     return [plain(row) for row in table.to_dict(orient="records")]
 
 
-
 # --------------------------------------------------------------------------- errors
 class UserError(Exception):
     """A mistake the user can fix; the message says how."""

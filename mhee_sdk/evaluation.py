@@ -373,7 +373,7 @@ class Experiment:
         ratios (``speedup_p25``, ``speedup_p75``): measured side by side, not a lone wall-clock pair.
         """
         for spec in policies:  # names and parameters checked before the heads are trained (minutes on a real model)
-            self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))
+            self._check_policy(spec)
         executor = self.executor()  # likewise a missing ray extra
         self._ensure_heads()
         prepared = [self._prepare(spec, label) for spec, label in zip(policies, names or [""] * len(policies),
@@ -388,6 +388,10 @@ class Experiment:
     def backbone_spec(self) -> BackboneSpec:
         """How a worker process rebuilds this backbone: registry name, options, and the fingerprint to match."""
         return BackboneSpec(self.config.backbone, self.config.backbone_options(), self.backbone.fingerprint)
+
+    def _check_policy(self, spec: PolicySpec) -> None:
+        """Build `spec`'s policy, uncalibrated: cheap, so a bad name or parameter fails before any heavy work."""
+        self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))
 
     def _prepare(self, spec: PolicySpec, name: str) -> tuple[RunConfig, str, ExitPolicy]:
         """The run's config (policy and parameters as stored), its label, and the policy object."""
@@ -417,7 +421,7 @@ class Experiment:
             requests = [Request(int(i), int(u), int(it), -1, int(t))
                         for i, u, it, t in zip(ids, requests["user"], requests["item"], requests["ts"], strict=True)]
         requests = self.check_requests(requests, labelled=False)
-        engine = self.engine(policy or (self.config.policy, self.config.policy_params))
+        engine = self.engine(policy)
         texts, retrieved = self.prompts(requests)
         out = engine.run(texts, [r.request_id for r in requests], batch_size=self.config.batch_size,
                          progress=self.progress, features=self.extra_features(requests, retrieved),
@@ -435,7 +439,7 @@ class Experiment:
         to the config's; pass features and soft tokens to ``run`` (``extra_features``, ``prefix``).
         """
         spec = policy or (self.config.policy, self.config.policy_params)
-        self._build_policy(*((spec, {}) if isinstance(spec, str | ExitPolicy) else spec))  # a bad name before training
+        self._check_policy(spec)  # a bad name fails before the heads are trained
         self._ensure_heads()
         _, _, policy_obj = self._prepare(spec, "")
         return EarlyExitEngine(self.backbone, self.heads, policy_obj, system=self.system)
